@@ -1,0 +1,64 @@
+# pyvirt — every target sets up what it needs, idempotently, on a fresh Debian 12.
+#   make run    set up, build the default guest, boot it to a shell
+#   make test   set up and run every test
+#   make bench  pyvirt vs QEMU side by side (docs/benchmarks.md)
+#   make soak   N consecutive boots of the default guest (N=100)
+#   make lint   ruff + mypy
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := .make
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := python3-venv gcc binutils make linux-libc-dev kmod cpio acpica-tools \
+	e2fsprogs qemu-system-x86 qemu-utils cmake pkg-config
+N ?= 100
+
+.PHONY: run test bench soak lint setup guest clean engine
+
+run: setup guest
+	$(VENV)/bin/pyvirt run $(ARGS)
+
+test: setup guest
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: setup guest
+	$(PY) -m bench $(BENCH_ARGS)
+
+soak: setup guest
+	$(PY) -m bench.soak --boots $(N)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+setup: $(STAMPS)/apt $(STAMPS)/venv engine
+
+$(STAMPS)/apt:
+	@mkdir -p $(STAMPS)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+$(STAMPS)/venv: pyproject.toml
+	@mkdir -p $(STAMPS)
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+# The software CPU: unicorn built from its PyPI sdist with our patch series.
+engine: $(STAMPS)/venv
+	@if [ -x third_party/unicorn/build.sh ]; then third_party/unicorn/build.sh $(PY); fi
+
+guest: $(STAMPS)/venv
+	@$(PY) -m pyvirt.guest.build
+
+clean:
+	rm -rf $(STAMPS) build dist tests/guests/build third_party/unicorn/build

@@ -1,0 +1,3 @@
+from pyvirt.cli.main import main
+
+main()

@@ -1,0 +1,100 @@
+"""The I/O buses: port I/O and MMIO ranges mapped to devices.
+
+A device sees offsets, never placement: it implements ``read(offset, data)``
+and ``write(offset, data)`` where ``data`` is a memoryview of the access
+width (1, 2, 4 or 8 bytes). For a read the device fills ``data``; bytes it
+leaves alone read as 0xff (what an unclaimed ISA read returns). The bus owns
+where devices live. An access nobody claims is counted and logged at debug
+level, never fatal.
+
+Thread model: a bus is built before the vCPUs start and is read-only after
+that, so lookups take no lock. Devices lock their own state.
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_right
+from collections import Counter
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["Bus", "BusDevice", "BusOverlapError"]
+
+log = logging.getLogger(__name__)
+
+
+class BusDevice(Protocol):
+    """What a device on a bus implements."""
+
+    def read(self, offset: int, data: memoryview) -> None: ...
+
+    def write(self, offset: int, data: memoryview) -> None: ...
+
+
+class BusOverlapError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class _Range:
+    base: int
+    length: int
+    device: BusDevice
+    name: str
+
+
+class Bus:
+    """A sorted set of non-overlapping [base, base+length) ranges."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind  # "pio" or "mmio", for messages
+        self._ranges: list[_Range] = []
+        self._bases: list[int] = []
+        #: unclaimed accesses by (read/write, address): for diagnostics
+        self.unclaimed: Counter[tuple[str, int]] = Counter()
+
+    def insert(self, device: BusDevice, base: int, length: int, name: str = "") -> None:
+        if length <= 0:
+            raise ValueError("bus range length must be positive")
+        i = bisect_right(self._bases, base)
+        if i > 0:
+            prev = self._ranges[i - 1]
+            if prev.base + prev.length > base:
+                raise BusOverlapError(f"{self.kind} {base:#x}+{length:#x} overlaps {prev.name}")
+        if i < len(self._ranges) and base + length > self._ranges[i].base:
+            raise BusOverlapError(
+                f"{self.kind} {base:#x}+{length:#x} overlaps {self._ranges[i].name}")
+        self._ranges.insert(i, _Range(base, length, device, name or type(device).__name__))
+        self._bases.insert(i, base)
+
+    def lookup(self, addr: int) -> tuple[BusDevice, int] | None:
+        """The device covering ``addr`` and the offset inside its range."""
+        i = bisect_right(self._bases, addr) - 1
+        if i >= 0:
+            r = self._ranges[i]
+            off = addr - r.base
+            if off < r.length:
+                return r.device, off
+        return None
+
+    def read(self, addr: int, data: memoryview) -> None:
+        found = self.lookup(addr)
+        if found is None:
+            data[:] = b"\xff" * len(data)
+            self._unclaimed("read", addr)
+            return
+        found[0].read(found[1], data)
+
+    def write(self, addr: int, data: memoryview) -> None:
+        found = self.lookup(addr)
+        if found is None:
+            self._unclaimed("write", addr)
+            return
+        found[0].write(found[1], data)
+
+    def _unclaimed(self, op: str, addr: int) -> None:
+        key = (op, addr)
+        self.unclaimed[key] += 1
+        if self.unclaimed[key] == 1:
+            log.debug("unclaimed %s %s at %#x", self.kind, op, addr)

@@ -1,0 +1,136 @@
+"""Validated VM configuration: what ``pyvirt run`` (and later the API) hands the builder.
+
+Configuration is data: a frozen ``VmConfig`` checked once at the edge. Every
+problem raises ``ConfigError`` whose message names the offending option, so
+the CLI can print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pyvirt.errors import UserInputError
+
+__all__ = [
+    "Accel",
+    "ConfigError",
+    "ConsoleSpec",
+    "OnReboot",
+    "VmConfig",
+    "host_memory_bytes",
+    "parse_console",
+    "parse_size",
+]
+
+Accel = Literal["auto", "kvm", "emu"]
+OnReboot = Literal["restart", "exit"]
+
+MIN_MEMORY = 16 << 20  # below this Linux cannot even unpack an initramfs
+MAX_CPUS_HARD = 255  # xAPIC IDs / our MADT; KVM may allow fewer
+
+
+class ConfigError(UserInputError):
+    """A configuration value the user gave cannot be used."""
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text: str, *, what: str = "--memory") -> int:
+    """Parse '512M', '2G', '1GiB', '2048' (MiB, as QEMU's -m) into bytes."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(
+            f"{what} {text!r}: not a size (use a number with an optional K, M, G or T suffix)")
+    n = int(m.group(1))
+    return n * _UNITS[m.group(2).upper()]
+
+
+def host_memory_bytes() -> int:
+    """Physical RAM of the host (MemTotal)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class ConsoleSpec:
+    """Where the guest's serial console goes: the terminal, nowhere, or a file."""
+
+    kind: Literal["stdio", "none", "file"]
+    path: Path | None = None
+
+
+def parse_console(text: str) -> ConsoleSpec:
+    if text == "stdio":
+        return ConsoleSpec("stdio")
+    if text == "none":
+        return ConsoleSpec("none")
+    if text.startswith("file:") and len(text) > 5:
+        path = Path(text[5:])
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise ConfigError(f"--console {text}: directory {parent} does not exist")
+        return ConsoleSpec("file", path)
+    raise ConfigError(f"--console {text!r}: expected stdio, none or file:PATH")
+
+
+def _check_file(path: Path, option: str) -> None:
+    if not path.exists():
+        raise ConfigError(f"{option} {path}: no such file")
+    if not path.is_file():
+        raise ConfigError(f"{option} {path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{option} {path}: permission denied")
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = ""
+    cpus: int = 1
+    memory: int = 512 << 20
+    accel: Accel = "auto"
+    console: ConsoleSpec = field(default_factory=lambda: ConsoleSpec("stdio"))
+    on_reboot: OnReboot = "restart"
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        _check_file(self.kernel, "--kernel")
+        if self.initrd is not None:
+            _check_file(self.initrd, "--initrd")
+        if self.cpus < 1:
+            raise ConfigError(f"--cpus {self.cpus}: need at least one vCPU")
+        if self.cpus > MAX_CPUS_HARD:
+            raise ConfigError(f"--cpus {self.cpus}: at most {MAX_CPUS_HARD} vCPUs are supported")
+        if self.memory < MIN_MEMORY:
+            raise ConfigError(
+                f"--memory {self.memory >> 20}M: too small (at least {MIN_MEMORY >> 20}M)")
+        if self.memory % (2 << 20):
+            raise ConfigError("--memory: must be a multiple of 2 MiB")
+        host = host_memory_bytes()
+        if self.memory > host:
+            raise ConfigError(
+                f"--memory {_human(self.memory)}: more than the host's {_human(host)} of RAM")
+        if self.accel not in ("auto", "kvm", "emu"):
+            raise ConfigError(f"--accel {self.accel!r}: expected auto, kvm or emu")
+        if self.on_reboot not in ("restart", "exit"):
+            raise ConfigError(f"--on-reboot {self.on_reboot!r}: expected restart or exit")
+
+
+def _human(n: int) -> str:
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n / (1 << 30):.1f}G"

@@ -1,0 +1,304 @@
+"""The machine: config → builder → running VM, and its lifecycle.
+
+``build_machine`` assembles a VM from small ``attach_*`` steps (memory,
+legacy devices, kernel, ACPI, boot CPU). ``Machine.run`` starts one thread per
+vCPU and runs the event loop on the calling (main) thread until the guest
+powers off, resets, crashes, or the user stops it.
+
+Threads and locks (see docs/design.md):
+- main thread: the event loop (console input, the wake-up eventfd, signals);
+  owns the lifecycle. Never touches device state except through device
+  methods, which lock.
+- one thread per vCPU: ``Vcpu.run()`` (releases the GIL inside KVM_RUN / the
+  engine), dispatching I/O to devices on the buses.
+- ``Machine._lock`` guards ``_outcome`` only; device locks are never held
+  while taking it (devices call ``request_*`` after releasing their own lock).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import queue
+import selectors
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyvirt.arch.x86_64 import layout
+from pyvirt.devices.bus import Bus
+from pyvirt.hypervisor import ExitKind, Hypervisor, Vcpu, VcpuExit, Vm
+from pyvirt.memory import GuestMemory
+from pyvirt.vmm.config import VmConfig
+from pyvirt.vmm.console import Console
+
+__all__ = ["Machine", "Outcome", "RunResult", "build_machine"]
+
+log = logging.getLogger(__name__)
+
+#: What every guest gets on its command line before the user's --cmdline.
+BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1"
+
+
+class Outcome(enum.Enum):
+    POWEROFF = "poweroff"
+    RESET = "reset"
+    CRASH = "crash"  # triple fault / internal error
+    STOPPED = "stopped"  # signal or console quit
+
+
+@dataclass(frozen=True)
+class RunResult:
+    outcome: Outcome
+    detail: str = ""
+    registers: dict[str, int] | None = None
+
+
+def _kick_signal_handler(signum: int, frame: object) -> None:
+    """SIGUSR1 only exists to make KVM_RUN return EINTR on a vCPU thread."""
+
+
+class Machine:
+    def __init__(self, config: VmConfig, hv: Hypervisor, console: Console) -> None:
+        self.config = config
+        self.hv = hv
+        self.console = console
+        self.memory: GuestMemory | None = None
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self.vm: Vm | None = None
+        self.vcpus: list[Vcpu] = []
+        self.devices: dict[str, object] = {}
+        self._events: queue.SimpleQueue[RunResult] = queue.SimpleQueue()
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._lock = threading.Lock()
+        self._outcome: RunResult | None = None
+        self._threads: list[threading.Thread] = []
+        self._pending_input = b""
+        self.boot_params = 0
+
+    # ---- requests from devices, vCPU threads and signal handlers (any thread)
+
+    def request(self, result: RunResult) -> None:
+        """Ask the loop to stop the VM with ``result``; the first request wins."""
+        with self._lock:
+            if self._outcome is None:
+                self._outcome = result
+        self._events.put(result)
+        os.eventfd_write(self._wake_fd, 1)
+
+    def request_poweroff(self) -> None:
+        self.request(RunResult(Outcome.POWEROFF, "the guest powered off"))
+
+    def request_reset(self) -> None:
+        self.request(RunResult(Outcome.RESET, "the guest reset"))
+
+    def on_acpi_sleep(self, slp_typ: int) -> None:
+        if slp_typ == layout.ACPI_S5_SLP_TYP:
+            self.request_poweroff()
+        else:
+            log.info("guest asked for ACPI sleep type %d, which is not supported", slp_typ)
+
+    # ---- running
+
+    def _vcpu_thread(self, vcpu: Vcpu) -> None:
+        try:
+            while True:
+                ex: VcpuExit = vcpu.run()
+                if ex.kind is ExitKind.KICKED:
+                    if self._outcome is not None:
+                        return
+                    continue
+                self._handle_exit(vcpu, ex)
+                return
+        except Exception as exc:  # a VMM bug must stop this VM cleanly, not hang it
+            log.exception("vCPU %d failed", vcpu.index)
+            self.request(RunResult(Outcome.CRASH, f"vCPU {vcpu.index}: internal error: {exc}"))
+
+    def _handle_exit(self, vcpu: Vcpu, ex: VcpuExit) -> None:
+        if ex.kind is ExitKind.POWEROFF:
+            self.request_poweroff()
+        elif ex.kind is ExitKind.RESET:
+            self.request_reset()
+        elif ex.kind is ExitKind.SHUTDOWN:
+            self.request(RunResult(Outcome.CRASH,
+                                   f"vCPU {vcpu.index}: {ex.detail or 'triple fault (shutdown)'}",
+                                   ex.registers or vcpu.registers()))
+        else:
+            self.request(RunResult(Outcome.CRASH, f"vCPU {vcpu.index}: {ex.kind.value}: "
+                                   f"{ex.detail}", ex.registers or vcpu.registers()))
+
+    def run(self) -> RunResult:
+        """Run until the guest stops. Must be called on the main thread."""
+        old_usr1 = signal.signal(signal.SIGUSR1, _kick_signal_handler)
+        old_int = signal.signal(signal.SIGINT, self._on_signal)
+        old_term = signal.signal(signal.SIGTERM, self._on_signal)
+        sel = selectors.DefaultSelector()
+        try:
+            sel.register(self._wake_fd, selectors.EVENT_READ, "wake")
+            in_fd = self.console.input_fd
+            if in_fd is not None:
+                try:
+                    sel.register(in_fd, selectors.EVENT_READ, "input")
+                except (ValueError, PermissionError):
+                    in_fd = None  # e.g. /dev/null or a regular file: nothing to wait for
+                    self._feed_all_input()
+            for vcpu in self.vcpus:
+                t = threading.Thread(target=self._vcpu_thread, args=(vcpu,),
+                                     name=f"vcpu{vcpu.index}", daemon=True)
+                self._threads.append(t)
+                t.start()
+            while self._outcome is None:
+                timeout = 0.01 if self._pending_input else None
+                for key, _ in sel.select(timeout):
+                    if key.data == "wake":
+                        try:
+                            os.eventfd_read(self._wake_fd)
+                        except BlockingIOError:
+                            pass
+                    elif key.data == "input":
+                        if not self._on_input():
+                            sel.unregister(key.fd)
+                if self._pending_input:
+                    self._push_input()
+        finally:
+            self._stop_vcpus()
+            sel.close()
+            signal.signal(signal.SIGUSR1, old_usr1)
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+        assert self._outcome is not None
+        return self._outcome
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        self.request(RunResult(Outcome.STOPPED, f"terminating on {name}"))
+
+    def _on_input(self) -> bool:
+        data = self.console.read_input()
+        if self.console.quit_requested:
+            self.request(RunResult(Outcome.STOPPED, "quit from the console"))
+            return False
+        if data is None:
+            return False
+        self._pending_input += data
+        self._push_input()
+        return True
+
+    def _feed_all_input(self) -> None:
+        while (data := self.console.read_input()) is not None and data:
+            self._pending_input += data
+
+    def _push_input(self) -> None:
+        serial = self.devices.get("serial")
+        if serial is None or not self._pending_input:
+            return
+        accepted: int = serial.enqueue_input(self._pending_input)  # type: ignore[attr-defined]
+        self._pending_input = self._pending_input[accepted:]
+
+    def _stop_vcpus(self) -> None:
+        if self._outcome is None:
+            with self._lock:
+                self._outcome = RunResult(Outcome.STOPPED, "stopped")
+        for t, vcpu in zip(self._threads, self.vcpus, strict=False):
+            for _ in range(200):
+                if not t.is_alive():
+                    break
+                vcpu.kick()
+                t.join(0.01)
+        for t in self._threads:
+            t.join(1.0)
+            if t.is_alive():
+                log.warning("%s did not stop", t.name)
+
+    def close(self) -> None:
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        os.close(self._wake_fd)
+
+
+# ---- the builder ----------------------------------------------------------
+
+
+def attach_memory(m: Machine) -> GuestMemory:
+    m.memory = GuestMemory.create(m.config.memory)
+    return m.memory
+
+
+def attach_legacy_devices(m: Machine, vm: Vm) -> None:
+    from pyvirt.devices.legacy.acpi_pm import AcpiPm, ResetControl
+    from pyvirt.devices.legacy.i8042 import I8042
+    from pyvirt.devices.legacy.misc import PortSink, legacy_ignore_ranges
+    from pyvirt.devices.legacy.rtc import CmosRtc
+    from pyvirt.devices.legacy.serial import Serial16550
+
+    serial = Serial16550(vm.irq_line(layout.COM1_IRQ), m.console.write)
+    m.pio.insert(serial, layout.COM1_PORT, 8, "serial0")
+    i8042 = I8042(m.request_reset, vm.irq_line(1))
+    m.pio.insert(i8042, 0x60, 5, "i8042")
+    rtc = CmosRtc(irq=vm.irq_line(8))
+    m.pio.insert(rtc, 0x70, 2, "rtc")
+    pm = AcpiPm(vm.irq_line(layout.SCI_IRQ), m.on_acpi_sleep)
+    m.pio.insert(pm, layout.ACPI_PM_BASE, layout.ACPI_PM_LEN, "acpi-pm")
+    m.pio.insert(ResetControl(m.request_reset), layout.RESET_PORT, 1, "reset")
+    for base, length, name in legacy_ignore_ranges():
+        try:
+            m.pio.insert(PortSink(), base, length, name)
+        except ValueError:
+            log.debug("sink %s at %#x overlaps a device; skipped", name, base)
+    m.devices.update(serial=serial, i8042=i8042, rtc=rtc, acpi_pm=pm)
+
+
+def attach_kernel(m: Machine, mem: GuestMemory) -> int:
+    """Load kernel + initrd, write ACPI tables, boot params; returns the entry point."""
+    from pyvirt.arch.x86_64.acpi import build_acpi_tables
+    from pyvirt.arch.x86_64.boot import setup_long_mode_memory
+    from pyvirt.loader import Cmdline, load_initrd, load_kernel, setup_linux_boot
+
+    cfg = m.config
+    kernel = load_kernel(mem, cfg.kernel, vmlinux_cache=_vmlinux_cache())
+    initrd = load_initrd(mem, cfg.initrd, kernel) if cfg.initrd is not None else None
+    rsdp = build_acpi_tables(mem, num_cpus=cfg.cpus)
+    setup_long_mode_memory(mem)
+    cmdline = Cmdline()
+    for part in (BASE_CMDLINE, cfg.cmdline):
+        if part.strip():
+            cmdline.append(part)
+    m.boot_params = setup_linux_boot(mem, kernel, cmdline, initrd, rsdp)
+    return kernel.entry
+
+
+def _vmlinux_cache() -> Path | None:
+    from pyvirt.guest.build import cache_dir
+
+    return cache_dir() / "vmlinux"
+
+
+def attach_vcpus(m: Machine, vm: Vm, entry: int) -> None:
+    from pyvirt.arch.x86_64.boot import boot_cpu_state
+
+    m.vcpus = [vm.create_vcpu(i) for i in range(m.config.cpus)]
+    m.vcpus[0].set_boot_state(boot_cpu_state(entry, m.boot_params))
+
+
+def build_machine(config: VmConfig, hv: Hypervisor, console: Console,
+                  log_step: Callable[[str], None] | None = None) -> Machine:
+    m = Machine(config, hv, console)
+    try:
+        mem = attach_memory(m)
+        vm = hv.create_vm(mem, m.pio, m.mmio, num_cpus=config.cpus)
+        m.vm = vm
+        attach_legacy_devices(m, vm)
+        entry = attach_kernel(m, mem)
+        attach_vcpus(m, vm, entry)
+    except BaseException:
+        m.close()
+        raise
+    return m

@@ -1,0 +1,58 @@
+"""``run_vm``: one VM in the foreground, across guest reboots, with its console."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pyvirt.hypervisor import select_backend
+from pyvirt.vmm.config import VmConfig
+from pyvirt.vmm.console import Console
+from pyvirt.vmm.machine import Outcome, RunResult, build_machine
+
+__all__ = ["format_registers", "run_vm"]
+
+log = logging.getLogger(__name__)
+
+
+def format_registers(regs: dict[str, int]) -> str:
+    items = [f"{k.upper():>6}={v:016x}" for k, v in regs.items()]
+    return "\n".join("  ".join(items[i : i + 4]) for i in range(0, len(items), 4))
+
+
+def run_vm(config: VmConfig) -> int:
+    """Boot ``config`` and return the process exit status."""
+    hv, choice = select_backend(config.accel)
+    console = Console(config.console)
+    if config.verbose:
+        console.message(f"accelerator: {choice.name} ({choice.reason})")
+    console.open()
+    try:
+        boots = 0
+        while True:
+            boots += 1
+            machine = build_machine(config, hv, console)
+            try:
+                result = machine.run()
+            finally:
+                machine.close()
+            if result.outcome is Outcome.RESET and config.on_reboot == "restart":
+                if config.verbose:
+                    console.message(f"guest reset: restarting (boot {boots + 1})")
+                continue
+            return _report(console, result)
+    finally:
+        console.close()
+
+
+def _report(console: Console, result: RunResult) -> int:
+    if result.outcome in (Outcome.POWEROFF, Outcome.RESET):
+        return 0
+    if result.outcome is Outcome.STOPPED:
+        console.message(result.detail)
+        return 0
+    console.close()  # leave raw mode before printing a multi-line report
+    sys.stderr.write(f"pyvirt: guest crashed: {result.detail}\n")
+    if result.registers:
+        sys.stderr.write(format_registers(result.registers) + "\n")
+    return 1
