@@ -61,3 +61,24 @@ def tmp_cwd(tmp_path: Path) -> Iterator[Path]:
         yield tmp_path
     finally:
         os.chdir(old)
+
+
+def read_until(fd: int, needle: bytes, timeout: float = 60) -> bytes:
+    """Read from ``fd`` until ``needle`` appears (or EOF/timeout); returns all read."""
+    import select
+    import time
+
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        r, _, _ = select.select([fd], [], [], left)
+        if not r:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        seen += chunk
+    return seen

@@ -82,3 +82,34 @@ stack_top:
     .globl ap_stacks
 ap_stacks:
     .space 4096 * 8
+
+/* Exception stubs for vectors 0-31: push a dummy error code where the CPU
+   pushes none, push the vector, and report through guest_exception(). */
+    .text
+    .code64
+.macro EXC vec, has_err
+    .globl exc_\vec
+exc_\vec:
+    .if \has_err == 0
+    push $0
+    .endif
+    push $\vec
+    jmp exc_common
+.endm
+EXC 0,0; EXC 1,0; EXC 2,0; EXC 3,0; EXC 4,0; EXC 5,0; EXC 6,0; EXC 7,0
+EXC 8,1; EXC 9,0; EXC 10,1; EXC 11,1; EXC 12,1; EXC 13,1; EXC 14,1; EXC 15,0
+EXC 16,0; EXC 17,1; EXC 18,0; EXC 19,0; EXC 20,0; EXC 21,1; EXC 22,0; EXC 23,0
+EXC 24,0; EXC 25,0; EXC 26,0; EXC 27,0; EXC 28,0; EXC 29,1; EXC 30,1; EXC 31,0
+exc_common:
+    mov %rsp, %rdi            /* [vector, error, rip, cs, rflags, rsp, ss] */
+    and $-16, %rsp
+    call guest_exception
+1:  cli
+    hlt
+    jmp 1b
+    .section .rodata
+    .globl exc_table
+exc_table:
+    .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .quad exc_\v
+    .endr

@@ -51,7 +51,20 @@ static void set_gate(int vec, void *fn) {
     uint64_t a = (uint64_t)fn;
     idt[vec] = (struct idt_gate){ (uint16_t)a, 0x10, 0, 0x8e, (uint16_t)(a >> 16), (uint32_t)(a >> 32), 0 };
 }
+extern void *exc_table[32];
+static void put_hex64(uint64_t v) { for (int i = 56; i >= 0; i -= 8) put_hex2((uint8_t)(v >> i)); }
+void guest_exception(uint64_t *f) {
+    puts_poll("\nEXCEPTION ");
+    put_dec((uint32_t)f[0]);
+    puts_poll(" error ");
+    put_hex64(f[1]);
+    puts_poll(" rip ");
+    put_hex64(f[2]);
+    puts_poll("\n");
+    poweroff();
+}
 static void load_idt(void) {
+    for (int v = 0; v < 32; v++) if (!idt[v].type) set_gate(v, exc_table[v]);
     struct dtr d = { sizeof(idt) - 1, (uint64_t)idt };
     __asm__ volatile("lidt %0" :: "m"(d));
 }
@@ -218,6 +231,8 @@ static uint32_t find_ncpus(const char *cl) {
 void guest_main(uint8_t *boot_params) {
     const char *cl = (const char *)(uint64_t)*(uint32_t *)(boot_params + 0x228);  /* hdr.cmd_line_ptr */
     const char *t = find_test(cl);
+    outb(0x21, 0xff);  /* mask the 8259s, as an OS does: we route through the IOAPIC */
+    outb(0xa1, 0xff);
     if (is(t, "boot")) { putc_poll('!'); poweroff(); }
     if (is(t, "hello")) test_hello();
     if (is(t, "timer")) test_timer();

@@ -29,7 +29,7 @@ __all__ = [
     "guest_is_built",
 ]
 
-#: printed alone on a line by the guest once its shell is about to read the console
+#: printed alone on a line by the guest once its shell holds the console (input is kept)
 READY_LINE = "PYVIRT-READY"
 
 

@@ -95,9 +95,7 @@ class CpioWriter:
         self._ensure_parents(path)
         self._member(path, stat.S_IFLNK | 0o777, target.encode())
 
-    def add_device(
-        self, name: str, kind: str, major: int, minor: int, mode: int = 0o600
-    ) -> None:
+    def add_device(self, name: str, kind: str, major: int, minor: int, mode: int = 0o600) -> None:
         """Add a device node; ``kind`` is ``"c"`` (character) or ``"b"`` (block)."""
         if kind not in ("c", "b"):
             raise CpioError(f"device kind must be 'c' or 'b', not {kind!r}")

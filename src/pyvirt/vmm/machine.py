@@ -134,8 +134,6 @@ class Machine:
     def run(self) -> RunResult:
         """Run until the guest stops. Must be called on the main thread."""
         old_usr1 = signal.signal(signal.SIGUSR1, _kick_signal_handler)
-        old_int = signal.signal(signal.SIGINT, self._on_signal)
-        old_term = signal.signal(signal.SIGTERM, self._on_signal)
         sel = selectors.DefaultSelector()
         try:
             sel.register(self._wake_fd, selectors.EVENT_READ, "wake")
@@ -168,14 +166,8 @@ class Machine:
             self._stop_vcpus()
             sel.close()
             signal.signal(signal.SIGUSR1, old_usr1)
-            signal.signal(signal.SIGINT, old_int)
-            signal.signal(signal.SIGTERM, old_term)
         assert self._outcome is not None
         return self._outcome
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
-        self.request(RunResult(Outcome.STOPPED, f"terminating on {name}"))
 
     def _on_input(self) -> bool:
         data = self.console.read_input()
@@ -242,7 +234,9 @@ def attach_legacy_devices(m: Machine, vm: Vm) -> None:
     serial = Serial16550(vm.irq_line(layout.COM1_IRQ), m.console.write)
     m.pio.insert(serial, layout.COM1_PORT, 8, "serial0")
     i8042 = I8042(m.request_reset, vm.irq_line(1))
-    m.pio.insert(i8042, 0x60, 5, "i8042")
+    # two 1-byte ports, so 0x61 (the PIT's speaker/gate port) stays free
+    m.pio.insert(i8042, 0x60, 1, "i8042-data")
+    m.pio.insert(i8042.command_port(), 0x64, 1, "i8042-cmd")
     rtc = CmosRtc(irq=vm.irq_line(8))
     m.pio.insert(rtc, 0x70, 2, "rtc")
     pm = AcpiPm(vm.irq_line(layout.SCI_IRQ), m.on_acpi_sleep)

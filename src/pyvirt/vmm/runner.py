@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from pyvirt.hypervisor import select_backend
 from pyvirt.vmm.config import VmConfig
 from pyvirt.vmm.console import Console
-from pyvirt.vmm.machine import Outcome, RunResult, build_machine
+from pyvirt.vmm.machine import Machine, Outcome, RunResult, build_machine
 
 __all__ = ["format_registers", "run_vm"]
 
@@ -26,15 +27,33 @@ def run_vm(config: VmConfig) -> int:
     console = Console(config.console)
     if config.verbose:
         console.message(f"accelerator: {choice.name} ({choice.reason})")
+    # SIGINT/SIGTERM stop the VM cleanly, also between two boots of a rebooting guest
+    stopping: list[str] = []
+    current: list[Machine] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        stopping.append(name)
+        if current:
+            current[0].request(RunResult(Outcome.STOPPED, f"terminating on {name}"))
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     console.open()
     try:
         boots = 0
         while True:
             boots += 1
+            if stopping:
+                return _report(console, RunResult(Outcome.STOPPED,
+                                                  f"terminating on {stopping[0]}"))
             machine = build_machine(config, hv, console)
+            current[:] = [machine]
             try:
+                if stopping:
+                    machine.request(RunResult(Outcome.STOPPED, f"terminating on {stopping[0]}"))
                 result = machine.run()
             finally:
+                current.clear()
                 machine.close()
             if result.outcome is Outcome.RESET and config.on_reboot == "restart":
                 if config.verbose:
@@ -43,6 +62,8 @@ def run_vm(config: VmConfig) -> int:
             return _report(console, result)
     finally:
         console.close()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _report(console: Console, result: RunResult) -> int:

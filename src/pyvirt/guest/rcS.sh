@@ -1,0 +1,19 @@
+#!/bin/sh
+# sysinit of the pyvirt default guest (run by busybox init from /etc/inittab).
+# Idempotent: /init may already have mounted some of this. (Debian's static busybox
+# has no mountpoint applet, hence /proc/mounts.)
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mounted() { grep -q "^[^ ]* $1 " /proc/mounts 2>/dev/null; }
+[ -e /proc/self ] || mount -t proc proc /proc
+mounted /sys || mount -t sysfs sysfs /sys
+mounted /dev || mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mounted /dev/pts || mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mounted /tmp || mount -t tmpfs -o mode=1777 tmpfs /tmp
+/etc/init.d/load-modules
+# With console=hvc0 the console driver is one of those modules, so init handed us a
+# dead /dev/console: reopen it now that it leads somewhere.
+if (: >/dev/console) 2>/dev/null; then exec </dev/console >/dev/console 2>&1; fi
+hostname pyvirt
+# The ready line comes from /etc/profile, once the shell holds the console open: on
+# hvc0 nothing else does in between, and input typed before then would be dropped.
