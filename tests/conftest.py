@@ -29,8 +29,9 @@ def require_kvm() -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.get_closest_marker("kvm") and "require_kvm" not in getattr(item, "fixturenames", []):
-            item.fixturenames.insert(0, "require_kvm")  # type: ignore[attr-defined]
+        names = getattr(item, "fixturenames", [])
+        if item.get_closest_marker("kvm") and "require_kvm" not in names:
+            names.insert(0, "require_kvm")
 
 
 @pytest.fixture(scope="session")

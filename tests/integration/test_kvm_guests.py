@@ -10,7 +10,6 @@ start-up of a second vCPU, and a triple fault.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import signal
 import subprocess

@@ -47,3 +47,13 @@ def test_overlaps_are_refused() -> None:
             bus.insert(Recorder(), base, length)
     bus.insert(Recorder(), 0x1100, 1)
     bus.insert(Recorder(), 0xFFF, 1)
+
+
+def test_remove() -> None:
+    bus = Bus("pio")
+    a = Recorder()
+    bus.insert(a, 0x80, 1, "post")
+    assert bus.remove(0x80) is a
+    assert bus.lookup(0x80) is None
+    with pytest.raises(KeyError):
+        bus.remove(0x80)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -18,7 +19,7 @@ from pyvirt.errors import PyvirtError
 __all__ = ["cli", "main"]
 
 
-class _Size(click.ParamType):
+class _Size(click.ParamType[int]):
     name = "SIZE"
 
     def convert(self, value: object, param: click.Parameter | None,
@@ -111,10 +112,10 @@ def guest_build(ctx: click.Context, force: bool) -> None:
     sys.exit(_guarded(ctx, go))
 
 
-def _guarded(ctx: click.Context, fn: "callable[[], int]") -> int:  # type: ignore[valid-type]
+def _guarded(ctx: click.Context, fn: Callable[[], int]) -> int:
     """Run ``fn``; turn pyvirt errors into one line on stderr and an exit status."""
     try:
-        return int(fn())  # type: ignore[misc]
+        return int(fn())
     except PyvirtError as exc:
         if ctx.obj and ctx.obj.get("debug"):
             raise

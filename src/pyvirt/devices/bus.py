@@ -68,6 +68,14 @@ class Bus:
         self._ranges.insert(i, _Range(base, length, device, name or type(device).__name__))
         self._bases.insert(i, base)
 
+    def remove(self, base: int) -> BusDevice:
+        """Take the device whose range starts at ``base`` off the bus (before vCPUs run)."""
+        i = bisect_right(self._bases, base) - 1
+        if i < 0 or self._ranges[i].base != base:
+            raise KeyError(f"no {self.kind} range starts at {base:#x}")
+        del self._bases[i]
+        return self._ranges.pop(i).device
+
     def lookup(self, addr: int) -> tuple[BusDevice, int] | None:
         """The device covering ``addr`` and the offset inside its range."""
         i = bisect_right(self._bases, addr) - 1

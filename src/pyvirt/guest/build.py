@@ -38,6 +38,7 @@ from pathlib import Path
 from pyvirt.guest import READY_LINE, GuestBuildError
 from pyvirt.guest.cpio import CpioWriter
 from pyvirt.guest.modules import ModuleIndex, load_order, read_module, uncompressed_path
+from pyvirt.paths import cache_dir
 
 __all__ = [
     "GUEST_MODULES",
@@ -111,17 +112,6 @@ class GuestImage:
     kernel: Path
     initrd: Path
     kernel_version: str
-
-
-def cache_dir() -> Path:
-    """``$PYVIRT_CACHE_DIR``, else ``$XDG_CACHE_HOME/pyvirt``, else ``~/.cache/pyvirt``."""
-    explicit = os.environ.get("PYVIRT_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "pyvirt"
-    return Path.home() / ".cache" / "pyvirt"
 
 
 def _guest_dir() -> Path:

@@ -13,11 +13,13 @@ inside the guest leaves with EINTR). The VMM installs a no-op SIGUSR1 handler.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import signal
 import struct
 import threading
+from collections.abc import Callable
 
 from pyvirt.arch.x86_64.cpu_state import CpuState, Segment
 from pyvirt.arch.x86_64.cpuid import CpuidEntry, shape_cpuid
@@ -25,23 +27,24 @@ from pyvirt.arch.x86_64.msr import boot_msrs
 from pyvirt.devices.bus import Bus
 from pyvirt.hypervisor.base import ExitKind, HypervisorError, VcpuExit
 from pyvirt.kvm import Kvm, KvmError, VcpuFd, VmFd
+from pyvirt.kvm import _abi as abi
 from pyvirt.kvm._errors import ioctl_error
 from pyvirt.kvm.fd import ZERO_ARG, libc_ioctl
-from pyvirt.kvm import _abi as abi
 from pyvirt.memory import GuestMemory
 
 __all__ = ["KvmHypervisor", "KvmIrqLine", "KvmVcpu", "KvmVm"]
 
-# kvm_run: exit_reason at 8; the exit union at 32.
-_EXIT_REASON = struct.Struct("<I")
-# io: direction u8, size u8, port u16, count u32, data_offset u64
-_IO = struct.Struct("<BBHIQ")
+# kvm_run: exit_reason at 8; the exit union at 32. From offset 8: exit_reason,
+# then (at 32) io: direction u8, size u8, port u16, count u32, data_offset u64.
+_EXIT_AND_IO = struct.Struct("<I20xBBHIQ")
 # mmio: phys_addr u64, data[8], len u32, is_write u8
 _MMIO = struct.Struct("<Q8sIB")
 _SYSTEM_EVENT = struct.Struct("<IIQ")
 _INTERNAL = struct.Struct("<II")
 _FAIL_ENTRY = struct.Struct("<QI")
 _IMMEDIATE_EXIT_OFF = 1  # byte offset of kvm_run.immediate_exit
+
+PioFn = Callable[[int, memoryview], None]
 
 TSS_ADDR = 0xFFFB_D000  # three pages KVM needs below 4 GiB on Intel (unused by the guest)
 IDENTITY_MAP_ADDR = 0xFFFB_C000
@@ -139,6 +142,8 @@ class KvmVcpu:
         self.index = index
         self.fd: VcpuFd = vm.fd.create_vcpu(index)
         self._tid: int | None = None
+        self._pio_handlers: dict[int, tuple[PioFn, PioFn, int]] = {}
+        self._pio_views: dict[int, memoryview] = {}
         entries = shape_cpuid(vm.supported_cpuid, vcpu_index=index, num_cpus=vm.num_cpus)
         self.fd.set_cpuid2([abi.kvm_cpuid_entry2(function=e.function, index=e.index,
                                                  flags=e.flags, eax=e.eax, ebx=e.ebx, ecx=e.ecx,
@@ -163,6 +168,15 @@ class KvmVcpu:
         if state.msrs:
             self.fd.set_msrs(state.msrs)
 
+    def _pio_handler(self, port: int) -> tuple[PioFn, PioFn, int]:
+        """(read, write, offset) for ``port``; the bus is fixed once vCPUs run."""
+        found = self.vm.pio.lookup(port)
+        if found is None:
+            bus = self.vm.pio
+            return (lambda _o, d: bus.read(port, d)), (lambda _o, d: bus.write(port, d)), 0
+        dev, offset = found
+        return dev.read, dev.write, offset
+
     def run(self) -> VcpuExit:
         """The hot loop. Returns only for what the VMM must handle."""
         self._tid = threading.get_ident()
@@ -174,12 +188,11 @@ class KvmVcpu:
         zero = ZERO_ARG
         get_errno = ctypes.get_errno
         KVM_RUN = abi.KVM_RUN
-        unpack_reason = _EXIT_REASON.unpack_from
-        unpack_io = _IO.unpack_from
+        unpack_exit = _EXIT_AND_IO.unpack_from  # exit_reason and the io fields, one call
         EXIT_IO = abi.KVM_EXIT_IO
         EXIT_MMIO = abi.KVM_EXIT_MMIO
-        pio_lookup = self.vm.pio.lookup
-        pio = self.vm.pio
+        handlers = self._pio_handlers
+        views = self._pio_views
         while True:
             if ioctl(fd, KVM_RUN, zero) < 0:
                 err = get_errno()
@@ -191,22 +204,22 @@ class KvmVcpu:
                     # INIT/SIPI (KVM_MP_STATE_UNINITIALIZED): enter again
                     continue
                 raise ioctl_error("KVM_RUN", err)
-            reason = unpack_reason(run_buf, 8)[0]
+            reason, direction, size, port, count, off = unpack_exit(run_buf, 8)
             if reason == EXIT_IO:
-                direction, size, port, count, off = unpack_io(run_buf, 32)
                 if count == 1:
-                    found = pio_lookup(port)
-                    data = run_buf[off : off + size]
-                    if found is None:
-                        if direction:
-                            pio.write(port, data)
-                        else:
-                            pio.read(port, data)
-                    elif direction:  # KVM_EXIT_IO_OUT == 1
-                        found[0].write(found[1], data)
+                    # the common case: no allocation (cached view, cached handler)
+                    data = views.get(off << 4 | size)
+                    if data is None:
+                        data = views[off << 4 | size] = run_buf[off : off + size]
+                    h = handlers.get(port)
+                    if h is None:
+                        h = handlers[port] = self._pio_handler(port)
+                    if direction:  # KVM_EXIT_IO_OUT
+                        h[1](h[2], data)
                     else:
-                        found[0].read(found[1], data)
+                        h[0](h[2], data)
                 else:
+                    pio = self.vm.pio
                     for i in range(count):  # rep ins/outs: one element at a time
                         data = run_buf[off + i * size : off + (i + 1) * size]
                         if direction:
@@ -246,7 +259,7 @@ class KvmVcpu:
         if reason == abi.KVM_EXIT_HLT:
             return VcpuExit(ExitKind.HALTED, "hlt without an in-kernel irqchip", self.registers())
         if reason == abi.KVM_EXIT_INTERNAL_ERROR:
-            sub, ndata = _INTERNAL.unpack_from(buf, 32)
+            sub, _ndata = _INTERNAL.unpack_from(buf, 32)
             what = {1: "emulation failure", 2: "simultaneous exceptions",
                     3: "delivery event"}.get(sub, f"suberror {sub}")
             return VcpuExit(ExitKind.INTERNAL_ERROR, f"KVM internal error: {what}",
@@ -263,10 +276,8 @@ class KvmVcpu:
         self.fd.run_view[_IMMEDIATE_EXIT_OFF] = 1
         tid = self._tid
         if tid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # the thread just ended
                 signal.pthread_kill(tid, signal.SIGUSR1)
-            except ProcessLookupError:
-                pass
 
     def registers(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -288,6 +299,9 @@ class KvmVcpu:
         return out
 
     def close(self) -> None:
+        for v in self._pio_views.values():
+            v.release()  # cached slices of kvm_run would keep its mapping alive
+        self._pio_views.clear()
         self.fd.close()
 
 

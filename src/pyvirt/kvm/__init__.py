@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from pyvirt.kvm import _abi as abi
 from pyvirt.kvm._errors import KvmError, KvmErrorKind
-from pyvirt.kvm.exits import KvmExit, decode_exit
 from pyvirt.kvm.fd import (
     KVM_DEVICE,
     Kvm,
@@ -34,3 +35,15 @@ __all__ = [
     "irq_routing_irqchip",
     "irq_routing_msi",
 ]
+
+if TYPE_CHECKING:
+    from pyvirt.kvm.exits import KvmExit, decode_exit
+
+
+def __getattr__(name: str) -> Any:
+    # the typed exit dataclasses are for tests and slow paths: keep them off start-up
+    if name in ("KvmExit", "decode_exit"):
+        from pyvirt.kvm import exits
+
+        return getattr(exits, name)
+    raise AttributeError(f"module 'pyvirt.kvm' has no attribute {name!r}")

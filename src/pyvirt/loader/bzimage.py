@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bz2
 import contextlib
-import hashlib
 import importlib
 import logging
 import lzma
@@ -218,6 +217,8 @@ def vmlinux_from_bzimage(data: bytes, header: BzImageHeader, path: Path,
         return None
     cached: Path | None = None
     if cache is not None:
+        import hashlib  # only for bzImages with a cache: off the ELF start-up path
+
         cached = cache / f"{hashlib.sha256(data).hexdigest()}.vmlinux"
         try:
             blob = cached.read_bytes()

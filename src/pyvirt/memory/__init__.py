@@ -18,6 +18,7 @@ import struct
 from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import NewType
 
 from pyvirt.errors import PyvirtError
@@ -77,7 +78,7 @@ class GuestMemory:
 
     def __init__(self, regions: list[GuestRegion]) -> None:
         regions = sorted(regions, key=lambda r: r.guest_addr)
-        for a, b in zip(regions, regions[1:], strict=False):
+        for a, b in pairwise(regions):
             if a.end > b.guest_addr:
                 raise ValueError("overlapping guest memory regions")
         self.regions: tuple[GuestRegion, ...] = tuple(regions)
@@ -88,7 +89,8 @@ class GuestMemory:
     def create(cls, size: int) -> GuestMemory:
         """Anonymous RAM of ``size`` bytes, split around the PCI hole."""
         if size <= 0 or size % mmap.PAGESIZE:
-            raise ValueError(f"guest memory size {size} must be a positive multiple of the page size")
+            raise ValueError(
+                f"guest memory size {size} must be a positive multiple of the page size")
         if size <= PCI_HOLE_START:
             return cls([GuestRegion.anonymous(0, size)])
         return cls([

@@ -17,6 +17,7 @@ Threads and locks (see docs/design.md):
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -153,13 +154,10 @@ class Machine:
                 timeout = 0.01 if self._pending_input else None
                 for key, _ in sel.select(timeout):
                     if key.data == "wake":
-                        try:
+                        with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(self._wake_fd)
-                        except BlockingIOError:
-                            pass
-                    elif key.data == "input":
-                        if not self._on_input():
-                            sel.unregister(key.fd)
+                    elif key.data == "input" and not self._on_input():
+                        sel.unregister(key.fd)
                 if self._pending_input:
                     self._push_input()
         finally:
@@ -270,7 +268,7 @@ def attach_kernel(m: Machine, mem: GuestMemory) -> int:
 
 
 def _vmlinux_cache() -> Path | None:
-    from pyvirt.guest.build import cache_dir
+    from pyvirt.paths import cache_dir
 
     return cache_dir() / "vmlinux"
 

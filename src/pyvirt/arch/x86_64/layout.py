@@ -42,5 +42,6 @@ RESET_PORT = 0xCF9  # FADT RESET_REG (I/O) writes 0x06 here to reboot
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
 SCI_IRQ = 9
-ACPI_S5_SLP_TYP = 5  # SLP_TYP value in the DSDT's \_S5 package; PM1a_CNT write of it + SLP_EN powers off
+# SLP_TYP value in the DSDT's \_S5 package; writing it with SLP_EN to PM1a_CNT powers off
+ACPI_S5_SLP_TYP = 5
 ACPI_PM_TMR_HZ = 3_579_545

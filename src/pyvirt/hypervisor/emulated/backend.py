@@ -79,7 +79,8 @@ log = logging.getLogger(__name__)
 PHYS_4G = 1 << 32
 PAGE = 0x1000
 _PATCHES = "0001-0008"
-ENGINE_DESCRIPTION = f"unicorn {unicorn.__version__} (QEMU TCG) with pyvirt patches {_PATCHES}"
+ENGINE_DESCRIPTION = (f"unicorn {getattr(unicorn, '__version__', '?')} (QEMU TCG) "
+                      f"with pyvirt patches {_PATCHES}")
 
 _U64 = (1 << 64) - 1
 

@@ -32,7 +32,7 @@ def _rdtsc_fn() -> Callable[[], int]:
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     fn = ctypes.CFUNCTYPE(ctypes.c_uint64)(addr)
     fn._pyvirt_keep = buf  # type: ignore[attr-defined]  # the code must outlive the pointer
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def rdtsc() -> int:

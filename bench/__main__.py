@@ -1,0 +1,33 @@
+"""``make bench``: pyvirt side by side with C and QEMU; prints medians and ratios.
+
+    python -m bench [--runs N] [--only kvm,emu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+from bench.common import print_rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("--runs", type=int, default=5, help="runs per side (alternating)")
+    ap.add_argument("--only", default="kvm,emu", help="comma-separated: kvm, emu")
+    args = ap.parse_args()
+    which = set(args.only.split(","))
+    print(f"pyvirt benchmarks on {platform.node()} ({platform.machine()}, "
+          f"kernel {platform.release()}), {args.runs} runs per side")
+    if "kvm" in which:
+        from bench import kvm_bench
+
+        print_rows("KVM backend, small test guest", kvm_bench.run(args.runs))
+    if "emu" in which:
+        from bench import emu_bench
+
+        print_rows("software CPU, default Linux guest", emu_bench.run(args.runs))
+
+
+if __name__ == "__main__":
+    main()
