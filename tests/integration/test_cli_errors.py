@@ -76,3 +76,8 @@ def test_bad_console(kernel_file: Path) -> None:
 def test_bad_cmdline(test_guest: Path) -> None:
     one_line_error(run_pyvirt("run", "--kernel", str(test_guest), "--accel", "kvm",
                               "--cmdline", 'init="/bin/sh'), "quote")
+
+
+def test_more_cpus_than_the_software_cpu_runs(test_guest: Path) -> None:
+    one_line_error(run_pyvirt("run", "--kernel", str(test_guest), "--accel", "emu",
+                              "--cpus", "2", "--memory", "64M"), "software CPU runs 1 vCPU")

@@ -10,6 +10,7 @@ start-up of a second vCPU, and a triple fault.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import signal
 import subprocess
@@ -116,3 +117,30 @@ def test_verbose_names_the_accelerator(test_guest: Path) -> None:
     r = boot(test_guest, "boot", "--verbose")
     assert r.returncode == 0
     assert b"accelerator: kvm" in r.stderr
+
+
+def test_terminal_raw_mode_and_ctrl_a_x(test_guest: Path) -> None:
+    """On a terminal: raw mode while running, Ctrl-A x quits, the tty is restored."""
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    p = subprocess.Popen(pyvirt_cmd("run", "--accel", "kvm", "--kernel", str(test_guest),
+                                    "--memory", "64M", "--cmdline", "test=hello"),
+                         stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    try:
+        seen = read_until(master, b"interrupt-driven UART")
+        assert b"interrupt-driven UART" in seen
+        raw = termios.tcgetattr(slave)
+        assert not raw[3] & termios.ICANON and not raw[3] & termios.ECHO  # raw mode
+        os.write(master, b"ab")  # typed keys reach the guest, which echoes them upper-cased
+        assert b"AB" in read_until(master, b"AB")
+        os.write(master, b"\x01x")
+        assert p.wait(timeout=30) == 0
+        assert termios.tcgetattr(slave) == before  # the terminal is given back as it was
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(master)
+        os.close(slave)

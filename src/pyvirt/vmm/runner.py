@@ -7,7 +7,7 @@ import signal
 import sys
 
 from pyvirt.hypervisor import select_backend
-from pyvirt.vmm.config import VmConfig
+from pyvirt.vmm.config import ConfigError, VmConfig
 from pyvirt.vmm.console import Console
 from pyvirt.vmm.machine import Machine, Outcome, RunResult, build_machine
 
@@ -24,9 +24,17 @@ def format_registers(regs: dict[str, int]) -> str:
 def run_vm(config: VmConfig) -> int:
     """Boot ``config`` and return the process exit status."""
     hv, choice = select_backend(config.accel)
+    if config.cpus > hv.max_vcpus():
+        what = ("the software CPU runs" if choice.name == "emu"
+                else "this host's KVM allows at most")
+        raise ConfigError(f"--cpus {config.cpus}: {what} {hv.max_vcpus()} vCPU"
+                          f"{'s' if hv.max_vcpus() > 1 else ''}")
     console = Console(config.console)
     if config.verbose:
         console.message(f"accelerator: {choice.name} ({choice.reason})")
+        description = getattr(hv, "description", "")
+        if description:
+            console.message(f"engine: {description}")
     # SIGINT/SIGTERM stop the VM cleanly, also between two boots of a rebooting guest
     stopping: list[str] = []
     current: list[Machine] = []
