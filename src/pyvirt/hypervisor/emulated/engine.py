@@ -45,6 +45,19 @@ import unicorn
 from unicorn import x86_const as x86
 from unicorn.unicorn_py3.unicorn import Uc, UcError
 
+from pyvirt.arch.x86_64.boot import (
+    CR0_ET,
+    CR0_MP,
+    CR0_NE,
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_OSFXSR,
+    CR4_OSXMMEXCPT,
+    CR4_PAE,
+)
+from pyvirt.arch.x86_64.msr import EFER_LMA, EFER_LME, EFER_NXE, EFER_SCE
+from pyvirt.arch.x86_64.msr import IA32_EFER as MSR_EFER
 from pyvirt.hypervisor.emulated import _uc
 
 __all__ = [
@@ -64,22 +77,8 @@ CODE64_FLAGS = 0x00A09B00  # P, DPL0, S, code exec/read accessed, L=1, G=1
 DATA_FLAGS = 0x00C09300  # P, DPL0, S, data read/write accessed, D/B=1, G=1
 TSS64_FLAGS = 0x00008B00  # P, DPL0, busy 64-bit TSS
 
-EFER_SCE = 1 << 0
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
-EFER_NXE = 1 << 11
-CR0_PE = 1 << 0
-CR0_MP = 1 << 1
-CR0_ET = 1 << 4
-CR0_NE = 1 << 5
-CR0_WP = 1 << 16
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
-CR4_PGE = 1 << 7
-CR4_OSFXSR = 1 << 9
-CR4_OSXMMEXCPT = 1 << 10
+CR4_PGE = 1 << 7  # the only control bit this layer uses that arch/x86_64/boot.py does not
 
-MSR_EFER = 0xC0000080
 _UNTIL_NEVER = 0xFFFF_FFFF_FFFF_FFFF
 
 
