@@ -12,12 +12,23 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from bench.common import ROOT, read_until
 
 
-def one_boot(accel: str, timeout: float) -> tuple[bool, str, float]:
+def one_boot(accel: str, timeout: float, log_path: Path) -> tuple[bool, str, float]:
+    ok, why, t, log = _one_boot(accel, timeout)
+    if not ok:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_bytes(log)
+        why += f" (full console log: {log_path})"
+    return ok, why, t
+
+
+def _one_boot(accel: str, timeout: float) -> tuple[bool, str, float, bytes]:
     from pyvirt.guest import READY_LINE
 
     t0 = time.perf_counter()
@@ -29,7 +40,7 @@ def one_boot(accel: str, timeout: float) -> tuple[bool, str, float]:
     if t_ready is None:
         p.kill()
         _, err = p.communicate()
-        return False, f"no ready line; tail: {out[-300:]!r} {err[-300:]!r}", 0.0
+        return False, f"no ready line; tail: {out[-300:]!r} {err[-300:]!r}", 0.0, out + err
     p.stdin.write(b"echo soak-$((6*7)); poweroff\n")
     p.stdin.flush()
     try:
@@ -37,12 +48,12 @@ def one_boot(accel: str, timeout: float) -> tuple[bool, str, float]:
     except subprocess.TimeoutExpired:
         p.kill()
         rest, err = p.communicate()
-        return False, f"no power-off; tail: {rest[-300:]!r}", 0.0
+        return False, f"no power-off; tail: {rest[-300:]!r}", 0.0, out + rest + err
     if b"soak-42" not in rest:
-        return False, f"command did not run; tail: {rest[-300:]!r}", 0.0
+        return False, f"command did not run; tail: {rest[-300:]!r}", 0.0, out + rest + err
     if p.returncode != 0:
-        return False, f"exit status {p.returncode}: {err[-300:]!r}", 0.0
-    return True, "", t_ready - t0
+        return False, f"exit status {p.returncode}: {err[-300:]!r}", 0.0, out + rest + err
+    return True, "", t_ready - t0, b""
 
 
 def main() -> None:
@@ -50,11 +61,13 @@ def main() -> None:
     ap.add_argument("--boots", type=int, default=100)
     ap.add_argument("--accel", default="auto")
     ap.add_argument("--timeout", type=float, default=120)
+    ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()) / "pyvirt-soak",
+                    help="where the console logs of failed boots go")
     args = ap.parse_args()
     failures = 0
     times = []
     for i in range(1, args.boots + 1):
-        ok, why, t = one_boot(args.accel, args.timeout)
+        ok, why, t = one_boot(args.accel, args.timeout, args.logs / f"boot-{i}.log")
         if ok:
             times.append(t)
         else:

@@ -104,4 +104,6 @@ log "installing into $PY"
 }
 PKG="$(installed_pkg_dir)"
 echo "$WANT" >"$PKG/lib/$STAMP_NAME"
+# which patches this build carries, for `pyvirt run --verbose`
+(cd "$HERE/patches" && ls *.patch) >"$PKG/lib/pyvirt-patches.list"
 "$PY" -c "import unicorn; print('[unicorn-build] installed unicorn', unicorn.__version__)" >&2

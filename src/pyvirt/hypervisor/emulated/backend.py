@@ -49,6 +49,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import unicorn
 
@@ -89,10 +90,23 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PHYS_4G = 1 << 32
-_PATCHES = "0001-0008"
-ENGINE_DESCRIPTION = (f"unicorn {getattr(unicorn, '__version__', '?')} (QEMU TCG) "
-                      f"with pyvirt patches {_PATCHES}")
 
+
+def _patch_series() -> str:
+    """The pyvirt patches the installed engine was built with (from build.sh's list)."""
+    try:
+        listing = Path(unicorn.__file__).parent / "lib" / "pyvirt-patches.list"
+        numbers = sorted(line.split("-", 1)[0] for line in listing.read_text().split())
+    except (OSError, TypeError):
+        return "an unknown patch series"
+    if not numbers:
+        return "no patches"
+    return f"patches {numbers[0]}-{numbers[-1]}" if len(numbers) > 1 else f"patch {numbers[0]}"
+
+
+_PATCHES = _patch_series()
+ENGINE_DESCRIPTION = (f"unicorn {getattr(unicorn, '__version__', '?')} (QEMU TCG) "
+                      f"with pyvirt {_PATCHES}")
 
 
 def mmio_holes(ram: list[tuple[int, int]], *, lapic: int = LAPIC_ADDR,
