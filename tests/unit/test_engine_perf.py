@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 unicorn = pytest.importorskip("unicorn")
-from unicorn import x86_const as X
+from unicorn import x86_const as X  # noqa: E402 - after importorskip on purpose
 
 CODE = 0x1000
 DATA = 0x100000
