@@ -1,15 +1,14 @@
 """The software CPU backend: pyvirt's patched unicorn (QEMU TCG) behind the seam.
 
-Status (2-core Debian 12 dev box, shared with other jobs, load ~1.8): the
-default guest (Debian 6.1 + busybox) boots to PYVIRT-READY in a median 5.7 s
-vs 5.8 s for ``qemu-system-x86_64 -accel tcg`` with the bzImage (interleaved
-runs, 5 each); 20/20 consecutive boots reached the ready line and powered
-off with status 0; reboot (restart and exit) works, 6 boots in one process.
-Next speed-up (a C patch, not done): unicorn calls a helper after *every*
-guest load/store (``check_exit_request_mem`` in tcg-op.c) to notice its own
-unmapped-access errors; that makes compute-bound kernel code ~1.5x slower
-than QEMU 7.2's TCG (initramfs unpacking, X.509, W+X checks). Since all of
-0-4 GiB is mapped here, that check could be compiled out or made inline.
+Status: the default guest (Debian 6.1 + busybox) boots to its shell in
+about 4.3-4.9 s on the 2-core dev box, against 5.7 s for
+``qemu-system-x86_64 -accel tcg`` with the bzImage (docs/benchmarks.md);
+reboot (restart and exit) works. Engine patches 0001-0010
+(third_party/unicorn/README.md); 0010 fixed the ~1% of boots that oopsed
+(stale translated code after writes through an alias mapping). Next speed-up
+(not done): stores to pages the CPU also sees as executable take unicorn's
+slow notdirty path (~25% of boot time); mark such pages fast once they hold
+no translated code, as QEMU does.
 
 ``EmulatedHypervisor`` ("emu") is what ``--accel emu`` (and ``auto`` on a host
 without hardware virtualization) runs. One ``Engine`` per vCPU executes guest
