@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Bus", "BusDevice", "BusOverlapError"]
+__all__ = ["Bus", "BusDevice", "BusOverlapError", "put_byte"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,13 @@ class BusDevice(Protocol):
     def read(self, offset: int, data: memoryview) -> None: ...
 
     def write(self, offset: int, data: memoryview) -> None: ...
+
+
+def put_byte(data: memoryview, value: int) -> None:
+    """A byte-wide register read: ``value`` in the first byte, the rest float high (0xff)."""
+    data[0] = value
+    if len(data) > 1:
+        data[1:] = b"\xff" * (len(data) - 1)
 
 
 class BusOverlapError(ValueError):

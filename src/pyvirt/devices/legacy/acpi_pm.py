@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 
 from pyvirt.arch.x86_64.layout import ACPI_PM_TMR_HZ
+from pyvirt.devices.bus import put_byte
 from pyvirt.devices.irq import IrqLine
 
 __all__ = ["AcpiPm", "ResetControl"]
@@ -165,9 +166,7 @@ class ResetControl:
     def read(self, offset: int, data: memoryview) -> None:
         with self._lock:
             value = self._value
-        data[0] = value
-        for i in range(1, len(data)):
-            data[i] = 0xFF
+        put_byte(data, value)
 
     def write(self, offset: int, data: memoryview) -> None:
         value = data[0]

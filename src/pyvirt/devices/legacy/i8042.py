@@ -29,7 +29,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from pyvirt.devices.bus import BusDevice
+from pyvirt.devices.bus import BusDevice, put_byte
 from pyvirt.devices.irq import IrqLine
 
 __all__ = ["I8042"]
@@ -126,9 +126,7 @@ class I8042:
                 value = self._status()
             else:
                 value = 0xFF
-        data[0] = value
-        for i in range(1, len(data)):
-            data[i] = 0xFF
+        put_byte(data, value)
 
     def write(self, offset: int, data: memoryview) -> None:
         value = data[0]

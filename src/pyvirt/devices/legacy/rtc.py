@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from pyvirt.devices.bus import put_byte
 from pyvirt.devices.irq import IrqLine
 
 __all__ = ["CmosRtc"]
@@ -147,9 +148,7 @@ class CmosRtc:
         with self._lock:
             # The index register is write-only; reading it floats (0xff).
             value = self._read_selected() if offset == 1 else 0xFF
-        data[0] = value
-        for i in range(1, len(data)):
-            data[i] = 0xFF
+        put_byte(data, value)
 
     def write(self, offset: int, data: memoryview) -> None:
         value = data[0]
