@@ -108,6 +108,7 @@ def test_e820_small(mem: GuestMemory) -> None:
         E820Entry(0, layout.EBDA_START, E820_RAM),
         E820Entry(layout.EBDA_START, 0x100000 - layout.EBDA_START, E820_RESERVED),
         E820Entry(0x100000, 255 * MiB, E820_RAM),
+        E820Entry(layout.PCI_ECAM_ADDR, layout.PCI_ECAM_SIZE, E820_RESERVED),
     ]
 
 
@@ -117,11 +118,13 @@ def test_e820_above_pci_hole(size: int) -> None:
     try:
         e = e820_map(m)
         assert e[2] == E820Entry(0x100000, 3 * GiB - 0x100000, E820_RAM)
-        assert e[3] == E820Entry(4 * GiB, size - 3 * GiB, E820_RAM)
-        assert len(e) == 4
+        # the PCI hole is not RAM; only the ECAM in it is listed (reserved)
+        assert e[3] == E820Entry(layout.PCI_ECAM_ADDR, layout.PCI_ECAM_SIZE, E820_RESERVED)
+        assert e[4] == E820Entry(4 * GiB, size - 3 * GiB, E820_RAM)
+        assert len(e) == 5
         assert sum(x.size for x in e if x.type == E820_RAM) == size - (0x100000 - 0x9FC00)
-        for x in e:  # the hole is not listed
-            assert x.end <= 3 * GiB or x.addr >= 4 * GiB
+        for x in e:
+            assert x.end <= 3 * GiB or x.addr >= 4 * GiB or x.type == E820_RESERVED
     finally:
         m.close()
 
@@ -232,7 +235,7 @@ def test_setup_linux_boot(mem: GuestMemory) -> None:
     assert mem.read(layout.CMDLINE_ADDR, len(line)) == line
     assert mem.read_u32(zp + 0x228) == layout.CMDLINE_ADDR
     assert mem.read_u32(zp + 0x218) == 0x800_0000
-    assert mem.read_u8(zp + 0x1E8) == 3
+    assert mem.read_u8(zp + 0x1E8) == 4  # low RAM, BIOS area, high RAM, PCI ECAM
     assert mem.read_u64(zp + 0x70) == 0xE0000
 
 

@@ -56,20 +56,27 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--accel", type=click.Choice(["auto", "kvm", "emu"]), default="auto",
               show_default=True, help="CPU backend: KVM, the software CPU, or pick.")
 @click.option("--console", "console_spec", default="stdio", show_default=True,
-              help="Serial console: stdio, none or file:PATH.")
+              help="Console: stdio (serial ttyS0), virtio (hvc0 on this terminal), none "
+                   "or file:PATH.")
+@click.option("--disk", "disks", multiple=True, metavar="SPEC",
+              help="A virtio-blk disk (repeatable; vda, vdb, ... in order): "
+                   "path=FILE[,readonly=on][,serial=ID][,cache=none|writeback][,discard=on].")
+@click.option("--rng/--no-rng", default=True, show_default=True,
+              help="A virtio-rng device fed by the host's getrandom.")
 @click.option("--on-reboot", type=click.Choice(["restart", "exit"]), default="restart",
               show_default=True, help="What a guest reboot does.")
 @click.option("--verbose", "-v", is_flag=True, help="Say which accelerator is used and why.")
 @click.pass_context
 def run(ctx: click.Context, kernel: Path | None, initrd: Path | None, cmdline: str, cpus: int,
-        memory: int, accel: str, console_spec: str, on_reboot: str, verbose: bool) -> None:
+        memory: int, accel: str, console_spec: str, disks: tuple[str, ...], rng: bool,
+        on_reboot: str, verbose: bool) -> None:
     """Boot a VM in the foreground (the default guest when no --kernel is given).
 
     The serial console is on this terminal: Ctrl-A x quits. Commands piped
     into stdin run in the guest's shell. Exit status: 0 on guest power-off
     (or reboot with --on-reboot exit), 1 if the guest crashed, 2 on bad input.
     """
-    from pyvirt.vmm.config import VmConfig, parse_console
+    from pyvirt.vmm.config import VmConfig, parse_console, parse_disk
     from pyvirt.vmm.runner import run_vm
 
     def go() -> int:
@@ -86,7 +93,7 @@ def run(ctx: click.Context, kernel: Path | None, initrd: Path | None, cmdline: s
                        accel=accel,  # type: ignore[arg-type]
                        console=parse_console(console_spec),
                        on_reboot=on_reboot,  # type: ignore[arg-type]
-                       verbose=verbose)
+                       verbose=verbose, disks=tuple(parse_disk(d) for d in disks), rng=rng)
         return run_vm(cfg)
 
     sys.exit(_guarded(ctx, go))
@@ -99,14 +106,31 @@ def guest() -> None:
 
 @guest.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even when already built.")
+@click.option("--rootfs", is_flag=True,
+              help="Also build the Debian root filesystem image (ext4; needs root).")
+@click.option("--size", type=_Size(), default=None,
+              help="With --rootfs: the image size, e.g. 1G (default: the tree plus 512M).")
 @click.pass_context
-def guest_build(ctx: click.Context, force: bool) -> None:
-    """Download the Debian kernel and busybox and write the initramfs."""
+def guest_build(ctx: click.Context, force: bool, rootfs: bool, size: int | None) -> None:
+    """Download the Debian kernel and busybox and write the initramfs.
+
+    With --rootfs, also debootstrap Debian 12 (minbase, fio) into an ext4 image
+    for root=/dev/vda.
+    """
     from pyvirt.guest.build import build_default_guest
 
+    if size is not None and not rootfs:
+        raise click.UsageError("--size applies to the image --rootfs builds")
+
     def go() -> int:
-        g = build_default_guest(force=force, log=lambda s: click.echo(f"pyvirt: {s}", err=True))
+        log: Callable[[str], None] = lambda s: click.echo(f"pyvirt: {s}", err=True)  # noqa: E731
+        g = build_default_guest(force=force, log=log)
         click.echo(f"kernel: {g.kernel}\ninitrd: {g.initrd}")
+        if rootfs:
+            from pyvirt.guest.rootfs import build_rootfs
+
+            image = build_rootfs(force=force, size=size, log=log)
+            click.echo(f"rootfs: {image.path}")
         return 0
 
     sys.exit(_guarded(ctx, go))

@@ -14,6 +14,7 @@ that, so lookups take no lock. Devices lock their own state.
 from __future__ import annotations
 
 import logging
+import threading
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass
@@ -56,38 +57,55 @@ class Bus:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind  # "pio" or "mmio", for messages
+        # copy-on-write: lookups read one (bases, ranges) snapshot without a lock,
+        # so a BAR can be moved at run time while other vCPUs dispatch
         self._ranges: list[_Range] = []
         self._bases: list[int] = []
+        self._snapshot: tuple[list[int], list[_Range]] = ([], [])
+        self._write_lock = threading.Lock()
         #: unclaimed accesses by (read/write, address): for diagnostics
         self.unclaimed: Counter[tuple[str, int]] = Counter()
 
     def insert(self, device: BusDevice, base: int, length: int, name: str = "") -> None:
         if length <= 0:
             raise ValueError("bus range length must be positive")
-        i = bisect_right(self._bases, base)
-        if i > 0:
-            prev = self._ranges[i - 1]
-            if prev.base + prev.length > base:
-                raise BusOverlapError(f"{self.kind} {base:#x}+{length:#x} overlaps {prev.name}")
-        if i < len(self._ranges) and base + length > self._ranges[i].base:
-            raise BusOverlapError(
-                f"{self.kind} {base:#x}+{length:#x} overlaps {self._ranges[i].name}")
-        self._ranges.insert(i, _Range(base, length, device, name or type(device).__name__))
-        self._bases.insert(i, base)
+        with self._write_lock:
+            bases, ranges = list(self._bases), list(self._ranges)
+            i = bisect_right(bases, base)
+            if i > 0:
+                prev = ranges[i - 1]
+                if prev.base + prev.length > base:
+                    raise BusOverlapError(
+                        f"{self.kind} {base:#x}+{length:#x} overlaps {prev.name}")
+            if i < len(ranges) and base + length > ranges[i].base:
+                raise BusOverlapError(
+                    f"{self.kind} {base:#x}+{length:#x} overlaps {ranges[i].name}")
+            ranges.insert(i, _Range(base, length, device, name or type(device).__name__))
+            bases.insert(i, base)
+            self._publish(bases, ranges)
 
     def remove(self, base: int) -> BusDevice:
-        """Take the device whose range starts at ``base`` off the bus (before vCPUs run)."""
-        i = bisect_right(self._bases, base) - 1
-        if i < 0 or self._ranges[i].base != base:
-            raise KeyError(f"no {self.kind} range starts at {base:#x}")
-        del self._bases[i]
-        return self._ranges.pop(i).device
+        """Take the device whose range starts at ``base`` off the bus (any time)."""
+        with self._write_lock:
+            bases, ranges = list(self._bases), list(self._ranges)
+            i = bisect_right(bases, base) - 1
+            if i < 0 or ranges[i].base != base:
+                raise KeyError(f"no {self.kind} range starts at {base:#x}")
+            del bases[i]
+            dev = ranges.pop(i).device
+            self._publish(bases, ranges)
+            return dev
+
+    def _publish(self, bases: list[int], ranges: list[_Range]) -> None:
+        self._bases, self._ranges = bases, ranges
+        self._snapshot = (bases, ranges)  # one reference store: atomic for readers
 
     def lookup(self, addr: int) -> tuple[BusDevice, int] | None:
         """The device covering ``addr`` and the offset inside its range."""
-        i = bisect_right(self._bases, addr) - 1
+        bases, ranges = self._snapshot
+        i = bisect_right(bases, addr) - 1
         if i >= 0:
-            r = self._ranges[i]
+            r = ranges[i]
             off = addr - r.base
             if off < r.length:
                 return r.device, off

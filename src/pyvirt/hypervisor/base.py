@@ -19,7 +19,7 @@ from typing import Protocol
 
 from pyvirt.arch.x86_64.cpu_state import CpuState
 from pyvirt.devices.bus import Bus
-from pyvirt.devices.irq import IrqLine
+from pyvirt.devices.irq import IrqLine, MsiRoute
 from pyvirt.errors import PyvirtError
 from pyvirt.memory import GuestMemory
 
@@ -69,6 +69,23 @@ class Vcpu(Protocol):
 class Vm(Protocol):
     def irq_line(self, gsi: int) -> IrqLine:
         """The guest interrupt pin ``gsi`` (ISA IRQs 0-15 = GSIs 0-15 on the IOAPIC)."""
+        ...
+
+    def msi_route(self) -> MsiRoute:
+        """A new message-signalled interrupt source (one MSI-X vector)."""
+        ...
+
+    def add_ioeventfd(self, addr: int, length: int, fd: int) -> bool:
+        """Have guest writes of ``length`` bytes to MMIO ``addr`` signal eventfd ``fd``
+        without leaving the hypervisor. False when the backend cannot: the write
+        then reaches the device on the MMIO bus as usual."""
+        ...
+
+    def remove_ioeventfd(self, addr: int, length: int, fd: int) -> None: ...
+
+    def note_dma_write(self, gpa: int, size: int) -> None:
+        """A device wrote guest RAM from the host (any thread). The software CPU
+        drops translated code there; hardware needs nothing."""
         ...
 
     def create_vcpu(self, index: int) -> Vcpu: ...

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import os
 import signal
 import struct
 import threading
@@ -29,7 +30,7 @@ from pyvirt.hypervisor.base import ExitKind, HypervisorError, VcpuExit
 from pyvirt.kvm import Kvm, KvmError, VcpuFd, VmFd
 from pyvirt.kvm import _abi as abi
 from pyvirt.kvm._errors import ioctl_error
-from pyvirt.kvm.fd import ZERO_ARG, libc_ioctl
+from pyvirt.kvm.fd import ZERO_ARG, irq_routing_irqchip, irq_routing_msi, libc_ioctl
 from pyvirt.memory import GuestMemory
 
 __all__ = ["KvmHypervisor", "KvmIrqLine", "KvmVcpu", "KvmVm"]
@@ -88,6 +89,38 @@ class KvmIrqLine:
                 self._vm.irq_line(self._gsi, 1 if level else 0)
 
 
+IOAPIC_PINS = 24
+
+
+class KvmMsiRoute:
+    """An MSI-X vector under KVM: a GSI routed to the message, fed by an irqfd."""
+
+    def __init__(self, vm: KvmVm, gsi: int) -> None:
+        self._vm = vm
+        self.gsi = gsi
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            vm.fd.irqfd(self.fd, gsi)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def update(self, address: int, data: int) -> None:
+        self._vm._set_msi(self.gsi, address, data)
+
+    def trigger(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        if not self._vm.fd.closed:
+            self._vm.fd.irqfd(self.fd, self.gsi, abi.KVM_IRQFD_FLAG_DEASSIGN)
+        self._vm._drop_msi(self.gsi)
+        os.close(self.fd)
+        self.fd = -1
+
+
 class KvmVm:
     def __init__(self, kvm: Kvm, memory: GuestMemory, pio: Bus, mmio: Bus, num_cpus: int) -> None:
         self.kvm = kvm
@@ -117,12 +150,61 @@ class KvmVm:
             raise
         self._lines: dict[int, KvmIrqLine] = {}
         self.vcpus: list[KvmVcpu] = []
+        self._routing_lock = threading.Lock()
+        self._next_gsi = IOAPIC_PINS
+        self._msi: dict[int, tuple[int, int]] = {}
 
     def irq_line(self, gsi: int) -> KvmIrqLine:
         line = self._lines.get(gsi)
         if line is None:
             line = self._lines[gsi] = KvmIrqLine(self.fd, gsi)
         return line
+
+    # ---- MSI routes and ioeventfds
+
+    def msi_route(self) -> KvmMsiRoute:
+        with self._routing_lock:
+            gsi = self._next_gsi
+            self._next_gsi += 1
+            self._msi[gsi] = (0, 0)
+            self._commit_routing_locked()
+        return KvmMsiRoute(self, gsi)
+
+    def _set_msi(self, gsi: int, address: int, data: int) -> None:
+        with self._routing_lock:
+            if self._msi.get(gsi) != (address, data):
+                self._msi[gsi] = (address, data)
+                self._commit_routing_locked()
+
+    def _drop_msi(self, gsi: int) -> None:
+        with self._routing_lock:
+            if self._msi.pop(gsi, None) is not None and not self.fd.closed:
+                self._commit_routing_locked()
+
+    def _commit_routing_locked(self) -> None:
+        # KVM_SET_GSI_ROUTING replaces the whole table: keep the default
+        # routes KVM_CREATE_IRQCHIP installed (GSI 0-15 on both the PIC and
+        # the IOAPIC, 16-23 on the IOAPIC) in front of the MSI routes.
+        entries = []
+        for gsi in range(IOAPIC_PINS):
+            entries.append(irq_routing_irqchip(gsi, abi.KVM_IRQCHIP_IOAPIC, gsi))
+            if gsi < 16:
+                chip = abi.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else abi.KVM_IRQCHIP_PIC_SLAVE
+                entries.append(irq_routing_irqchip(gsi, chip, gsi % 8))
+        for gsi, (address, data) in sorted(self._msi.items()):
+            entries.append(irq_routing_msi(gsi, address, data))
+        self.fd.set_gsi_routing(entries)
+
+    def add_ioeventfd(self, addr: int, length: int, fd: int) -> bool:
+        self.fd.ioeventfd(fd, addr, length)
+        return True
+
+    def remove_ioeventfd(self, addr: int, length: int, fd: int) -> None:
+        if not self.fd.closed:
+            self.fd.ioeventfd(fd, addr, length, flags=abi.KVM_IOEVENTFD_FLAG_DEASSIGN)
+
+    def note_dma_write(self, gpa: int, size: int) -> None:
+        pass  # the CPU sees host writes to guest RAM like any other
 
     def create_vcpu(self, index: int) -> KvmVcpu:
         v = KvmVcpu(self, index)

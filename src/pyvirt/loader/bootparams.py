@@ -120,7 +120,10 @@ def e820_map(mem: GuestMemory) -> list[E820Entry]:
             start = layout.HIGH_MEMORY_START
         if end > start:
             out.append(E820Entry(start, end - start, E820_RAM))
-    return out
+    # PCI ECAM: reserved, as firmware does, so the kernel trusts MCFG (and never
+    # puts anything else there)
+    out.append(E820Entry(layout.PCI_ECAM_ADDR, layout.PCI_ECAM_SIZE, E820_RESERVED))
+    return sorted(out, key=lambda e: e.addr)
 
 
 def _synthetic_header(kernel: KernelImage) -> bytes:

@@ -19,10 +19,12 @@ __all__ = [
     "Accel",
     "ConfigError",
     "ConsoleSpec",
+    "DiskSpec",
     "OnReboot",
     "VmConfig",
     "host_memory_bytes",
     "parse_console",
+    "parse_disk",
     "parse_size",
 ]
 
@@ -65,9 +67,10 @@ def host_memory_bytes() -> int:
 
 @dataclass(frozen=True)
 class ConsoleSpec:
-    """Where the guest's serial console goes: the terminal, nowhere, or a file."""
+    """Where the guest's console goes: the terminal, nowhere, or a file; ``virtio``
+    is the terminal through virtio-console (hvc0) instead of the serial port."""
 
-    kind: Literal["stdio", "none", "file"]
+    kind: Literal["stdio", "none", "file", "virtio"]
     path: Path | None = None
 
 
@@ -76,13 +79,78 @@ def parse_console(text: str) -> ConsoleSpec:
         return ConsoleSpec("stdio")
     if text == "none":
         return ConsoleSpec("none")
+    if text == "virtio":
+        return ConsoleSpec("virtio")
     if text.startswith("file:") and len(text) > 5:
         path = Path(text[5:])
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir():
             raise ConfigError(f"--console {text}: directory {parent} does not exist")
         return ConsoleSpec("file", path)
-    raise ConfigError(f"--console {text!r}: expected stdio, none or file:PATH")
+    raise ConfigError(f"--console {text!r}: expected stdio, virtio, none or file:PATH")
+
+
+CacheMode = Literal["none", "writeback"]
+_SERIAL_OK = re.compile(r"^[\x21-\x7e]{1,20}$")
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One ``--disk``: a raw image file (or block device) given to the guest as virtio-blk."""
+
+    path: Path
+    readonly: bool = False
+    serial: str | None = None
+    cache: CacheMode = "writeback"
+    discard: bool = False
+
+
+def _onoff(key: str, value: str, spec: str) -> bool:
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise ConfigError(f"--disk {spec}: {key}={value!r} must be on or off")
+
+
+def parse_disk(spec: str) -> DiskSpec:
+    """``path=FILE[,readonly=on][,serial=ID][,cache=none|writeback][,discard=on]``
+    (a bare ``FILE`` also works)."""
+    opts: dict[str, str] = {}
+    for i, part in enumerate(spec.split(",")):
+        if "=" not in part:
+            if i == 0 and part:
+                opts["path"] = part
+                continue
+            raise ConfigError(f"--disk {spec}: {part!r} is not key=value")
+        key, _, value = part.partition("=")
+        if key in opts:
+            raise ConfigError(f"--disk {spec}: {key} given twice")
+        opts[key] = value
+    unknown = set(opts) - {"path", "readonly", "serial", "cache", "discard"}
+    if unknown:
+        raise ConfigError(f"--disk {spec}: unknown option {sorted(unknown)[0]!r} "
+                          "(expected path, readonly, serial, cache, discard)")
+    if not opts.get("path"):
+        raise ConfigError(f"--disk {spec}: path=FILE is required")
+    path = Path(opts["path"])
+    if not path.exists():
+        raise ConfigError(f"--disk {spec}: {path}: no such file")
+    if path.is_dir():
+        raise ConfigError(f"--disk {spec}: {path} is a directory")
+    readonly = _onoff("readonly", opts.get("readonly", "off"), spec)
+    if not os.access(path, os.R_OK if readonly else os.R_OK | os.W_OK):
+        raise ConfigError(f"--disk {spec}: {path}: permission denied"
+                          + ("" if readonly else " (readonly=on?)"))
+    serial = opts.get("serial")
+    if serial is not None and not _SERIAL_OK.match(serial):
+        raise ConfigError(f"--disk {spec}: serial must be 1-20 printable ASCII characters")
+    cache = opts.get("cache", "writeback")
+    if cache not in ("none", "writeback"):
+        raise ConfigError(f"--disk {spec}: cache={cache!r} must be none or writeback")
+    discard = _onoff("discard", opts.get("discard", "off"), spec)
+    return DiskSpec(path, readonly, serial, "none" if cache == "none" else "writeback",
+                    discard)
 
 
 def _check_file(path: Path, option: str) -> None:
@@ -105,6 +173,8 @@ class VmConfig:
     console: ConsoleSpec = field(default_factory=lambda: ConsoleSpec("stdio"))
     on_reboot: OnReboot = "restart"
     verbose: bool = False
+    disks: tuple[DiskSpec, ...] = ()
+    rng: bool = True
 
     def __post_init__(self) -> None:
         _check_file(self.kernel, "--kernel")
@@ -125,6 +195,12 @@ class VmConfig:
                 f"--memory {_human(self.memory)}: more than the host's {_human(host)} of RAM")
         if self.accel not in ("auto", "kvm", "emu"):
             raise ConfigError(f"--accel {self.accel!r}: expected auto, kvm or emu")
+        if len(self.disks) > 24:
+            raise ConfigError(f"--disk: at most 24 disks ({len(self.disks)} given)")
+        paths = [os.path.realpath(d.path) for d in self.disks]
+        for p in paths:
+            if paths.count(p) > 1:
+                raise ConfigError(f"--disk {p}: the same image is given twice")
         if self.on_reboot not in ("restart", "exit"):
             raise ConfigError(f"--on-reboot {self.on_reboot!r}: expected restart or exit")
 

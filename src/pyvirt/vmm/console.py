@@ -37,7 +37,7 @@ class Console:
         self.input_fd: int | None = None
         self._out_fd: int | None = None
         self._owns_out = False
-        if spec.kind == "stdio":
+        if spec.kind in ("stdio", "virtio"):
             self.input_fd = stdin_fd
             self._out_fd = stdout_fd
         elif spec.kind == "file":

@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyvirt.arch.x86_64 import layout
 from pyvirt.devices.bus import Bus
@@ -35,6 +36,10 @@ from pyvirt.hypervisor import ExitKind, Hypervisor, Vcpu, VcpuExit, Vm
 from pyvirt.memory import GuestMemory
 from pyvirt.vmm.config import VmConfig
 from pyvirt.vmm.console import Console
+
+if TYPE_CHECKING:
+    from pyvirt.pci.root import PciRoot
+    from pyvirt.virtio.pci import VirtioPciDevice
 
 __all__ = ["Machine", "Outcome", "RunResult", "build_machine"]
 
@@ -80,6 +85,8 @@ class Machine:
         self._threads: list[threading.Thread] = []
         self._pending_input = b""
         self.boot_params = 0
+        self.pci: PciRoot | None = None
+        self.pci_devices: list[VirtioPciDevice] = []
 
     # ---- requests from devices, vCPU threads and signal handlers (any thread)
 
@@ -183,10 +190,10 @@ class Machine:
             self._pending_input += data
 
     def _push_input(self) -> None:
-        serial = self.devices.get("serial")
-        if serial is None or not self._pending_input:
+        target = self.devices.get("console-input") or self.devices.get("serial")
+        if target is None or not self._pending_input:
             return
-        accepted: int = serial.enqueue_input(self._pending_input)  # type: ignore[attr-defined]
+        accepted: int = target.enqueue_input(self._pending_input)  # type: ignore[attr-defined]
         self._pending_input = self._pending_input[accepted:]
 
     def _stop_vcpus(self) -> None:
@@ -205,6 +212,12 @@ class Machine:
                 log.warning("%s did not stop", t.name)
 
     def close(self) -> None:
+        for dev in self.pci_devices:
+            try:
+                dev.close()
+            except Exception:  # closing one device must not leak the others
+                log.exception("closing %s", dev.name)
+        self.pci_devices.clear()
         if self.vm is not None:
             self.vm.close()
             self.vm = None
@@ -248,6 +261,52 @@ def attach_legacy_devices(m: Machine, vm: Vm) -> None:
     m.devices.update(serial=serial, i8042=i8042, rtc=rtc, acpi_pm=pm)
 
 
+def attach_pci(m: Machine, vm: Vm, mem: GuestMemory) -> None:
+    """PCI bus 0 and the virtio devices: disks (vda, vdb, ...), rng, console."""
+    from pyvirt.pci.root import attach_pci_root
+
+    root = m.pci = attach_pci_root(m.pio, m.mmio, vm.irq_line, mem.end)
+    cfg = m.config
+    if not (cfg.disks or cfg.rng or cfg.console.kind == "virtio"):
+        return
+    from pyvirt.virtio.device import VirtioDevice
+    from pyvirt.virtio.pci import VirtioPciDevice
+
+    def plug(device: VirtioDevice, name: str) -> None:
+        slot = len(m.pci_devices) + 1
+        pdev = VirtioPciDevice(device, vm=vm, memory=mem, intx=root.intx_line(slot), name=name)
+        m.pci_devices.append(pdev)
+        root.add(slot, pdev)
+
+    if cfg.disks:
+        from pyvirt.virtio.blk import BlockDevice, DiskImage
+
+        for i, disk in enumerate(cfg.disks):
+            image = DiskImage.open(disk.path, readonly=disk.readonly,
+                                   direct=disk.cache == "none")
+            try:
+                name = f"vd{chr(ord('a') + i)}"
+                blk = BlockDevice(image, serial=disk.serial, discard=disk.discard,
+                                  name=f"virtio-blk-{name}")
+            except BaseException:
+                image.close()
+                raise
+            plug(blk, f"virtio-blk-{name}")
+            m.devices[f"disk-{name}"] = blk
+    if cfg.rng:
+        from pyvirt.virtio.rng import RngDevice
+
+        rng = RngDevice()
+        plug(rng, "virtio-rng")
+        m.devices["rng"] = rng
+    if cfg.console.kind == "virtio":
+        from pyvirt.virtio.console import ConsoleDevice
+
+        con = ConsoleDevice(m.console.write)
+        plug(con, "virtio-console")
+        m.devices["console-input"] = con
+
+
 def attach_kernel(m: Machine, mem: GuestMemory) -> int:
     """Load kernel + initrd, write ACPI tables, boot params; returns the entry point."""
     from pyvirt.arch.x86_64.acpi import build_acpi_tables
@@ -257,10 +316,20 @@ def attach_kernel(m: Machine, mem: GuestMemory) -> int:
     cfg = m.config
     kernel = load_kernel(mem, cfg.kernel, vmlinux_cache=_vmlinux_cache())
     initrd = load_initrd(mem, cfg.initrd, kernel) if cfg.initrd is not None else None
-    rsdp = build_acpi_tables(mem, num_cpus=cfg.cpus)
+    extra_tables, dsdt_extra = [], []
+    if m.pci is not None:
+        from pyvirt.pci.acpi import build_mcfg, pci_dsdt_objects
+
+        extra_tables.append(build_mcfg())
+        dsdt_extra.extend(pci_dsdt_objects(m.pci.mmio64_window))
+    rsdp = build_acpi_tables(mem, num_cpus=cfg.cpus, extra_tables=extra_tables,
+                             dsdt_extra=dsdt_extra)
     setup_long_mode_memory(mem)
     cmdline = Cmdline()
-    for part in (BASE_CMDLINE, cfg.cmdline):
+    base = BASE_CMDLINE
+    if cfg.console.kind == "virtio":
+        base = base.replace("console=ttyS0", "console=hvc0")
+    for part in (base, cfg.cmdline):
         if part.strip():
             cmdline.append(part)
     m.boot_params = setup_linux_boot(mem, kernel, cmdline, initrd, rsdp)
@@ -288,6 +357,7 @@ def build_machine(config: VmConfig, hv: Hypervisor, console: Console,
         vm = hv.create_vm(mem, m.pio, m.mmio, num_cpus=config.cpus)
         m.vm = vm
         attach_legacy_devices(m, vm)
+        attach_pci(m, vm, mem)
         entry = attach_kernel(m, mem)
         attach_vcpus(m, vm, entry)
     except BaseException:

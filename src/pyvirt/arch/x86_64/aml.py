@@ -13,6 +13,7 @@ with a ``_PRT`` without touching the encoder.
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
@@ -21,20 +22,25 @@ __all__ = [
     "AmlNode",
     "AmlValue",
     "Buffer",
+    "DWordMemory",
     "Device",
     "EisaId",
     "Integer",
     "IoPort",
     "IrqNoFlags",
+    "Memory32Fixed",
     "Method",
     "Name",
     "NameString",
     "Package",
+    "QWordMemory",
     "ResourceDescriptor",
     "ResourceTemplate",
     "Return",
     "Scope",
     "String",
+    "WordBusNumber",
+    "WordIo",
     "eisa_id",
     "encode_integer",
     "encode_name_string",
@@ -370,6 +376,102 @@ class IrqNoFlags:
                 raise ValueError(f"ISA IRQ {irq} out of range")
             mask |= 1 << irq
         return bytes([0x22]) + mask.to_bytes(2, "little")
+
+
+@dataclass(frozen=True)
+class Memory32Fixed:
+    """32-bit Fixed Memory Range Descriptor: large item 0x86, length 9 (6.4.3.4)."""
+
+    base: int
+    length: int
+    writable: bool = True
+
+    def descriptor(self) -> bytes:
+        if not (0 <= self.base <= 0xFFFF_FFFF and 0 <= self.length <= 0xFFFF_FFFF):
+            raise ValueError("Memory32Fixed base/length must fit 32 bits")
+        return (bytes([0x86, 9, 0, 1 if self.writable else 0])
+                + struct.pack("<II", self.base, self.length))
+
+
+# Address space descriptors (section 6.4.3.5): resource types and their flags.
+_RT_MEMORY = 0
+_RT_IO = 1
+_RT_BUS = 2
+# general flags: bit 3 MaxAddressFixed, bit 2 MinAddressFixed, bit 1 Decode (0 = positive)
+_GF_FIXED = 0x0C
+_GF_PRODUCER = 0x00  # bit 0 clear: this device produces (bridges) the range
+
+
+def _address_space(item: int, width: int, rtype: int, type_flags: int,
+                   minimum: int, length: int) -> bytes:
+    maximum = minimum + length - 1
+    limit = (1 << (8 * width)) - 1
+    if length <= 0 or minimum < 0 or maximum > limit:
+        raise ValueError(f"address range {minimum:#x}+{length:#x} does not fit {width} bytes")
+    fmt = {2: "<HHHHH", 4: "<IIIII", 8: "<QQQQQ"}[width]
+    # granularity, minimum, maximum, translation offset, length
+    body = bytes([rtype, _GF_FIXED | _GF_PRODUCER, type_flags]) + struct.pack(
+        fmt, 0, minimum, maximum, 0, length)
+    return bytes([item]) + len(body).to_bytes(2, "little") + body
+
+
+@dataclass(frozen=True)
+class WordBusNumber:
+    """WordBusNumber (section 6.4.3.5.3): the bus numbers a host bridge decodes."""
+
+    minimum: int
+    length: int
+
+    def descriptor(self) -> bytes:
+        return _address_space(0x88, 2, _RT_BUS, 0, self.minimum, self.length)
+
+
+@dataclass(frozen=True)
+class WordIo:
+    """WordIO (section 6.4.3.5.3): an I/O port window (ISA and non-ISA ranges)."""
+
+    minimum: int
+    length: int
+
+    def descriptor(self) -> bytes:
+        return _address_space(0x88, 2, _RT_IO, 0x03, self.minimum, self.length)
+
+
+def _mem_type_flags(cacheable: bool, prefetchable: bool) -> int:
+    # bit 0 read-write; bits 2:1 memory attributes: 0 non-cacheable, 1 cacheable,
+    # 3 prefetchable
+    attrs = 3 if prefetchable else (1 if cacheable else 0)
+    return 0x01 | (attrs << 1)
+
+
+@dataclass(frozen=True)
+class DWordMemory:
+    """DWordMemory (section 6.4.3.5.2): a 32-bit memory window."""
+
+    minimum: int
+    length: int
+    cacheable: bool = False
+    prefetchable: bool = False
+
+    def descriptor(self) -> bytes:
+        return _address_space(0x87, 4, _RT_MEMORY,
+                              _mem_type_flags(self.cacheable, self.prefetchable),
+                              self.minimum, self.length)
+
+
+@dataclass(frozen=True)
+class QWordMemory:
+    """QWordMemory (section 6.4.3.5.1): a 64-bit memory window."""
+
+    minimum: int
+    length: int
+    cacheable: bool = False
+    prefetchable: bool = False
+
+    def descriptor(self) -> bytes:
+        return _address_space(0x8A, 8, _RT_MEMORY,
+                              _mem_type_flags(self.cacheable, self.prefetchable),
+                              self.minimum, self.length)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,11 @@
     0x0010_0000  high memory (usable)
     0x0100_0000  kernel load address (16 MiB, the x86-64 LOAD_PHYSICAL_ADDR)
     ...          initrd: page-aligned, as high as allowed below min(RAM end, initrd_addr_max)
-    0xc000_0000  PCI hole / 32-bit MMIO window (RAM above this moves to 4 GiB+)
+    0xc000_0000  PCI hole: the 32-bit PCI MMIO window (RAM above this moves to 4 GiB+)
+    0xe000_0000  PCI ECAM, bus 0 only (1 MiB; MCFG; reserved in e820)
     0xfec0_0000  IOAPIC
     0xfee0_0000  LAPIC
+    max(32 GiB, RAM end) .. +32 GiB: the 64-bit PCI MMIO window (``pci_mmio64_window``)
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ ACPI_TABLES_END = 0x100000
 HIGH_MEMORY_START = 0x100000
 KERNEL_LOAD_ADDR = 0x100_0000
 MMIO_32_START = 0xC000_0000
+PCI_MMIO32_START = MMIO_32_START
+PCI_MMIO32_END = 0xE000_0000
+PCI_ECAM_ADDR = 0xE000_0000
+PCI_ECAM_SIZE = 1 << 20  # bus 0 only: 32 devices x 8 functions x 4 KiB
+PCI_MMIO64_MIN_START = 32 << 30
+PCI_MMIO64_SIZE = 32 << 30
+PCI_INTX_GSI_BASE = 16  # INTx lines of PCI slots use IOAPIC pins 16-23
+PCI_INTX_GSI_COUNT = 8
 IOAPIC_ADDR = 0xFEC0_0000
 LAPIC_ADDR = 0xFEE0_0000
 ACPI_PM_BASE = 0x600  # PM1a event block (4 bytes), control block at +4, timer at +8
@@ -45,3 +55,10 @@ SCI_IRQ = 9
 # SLP_TYP value in the DSDT's \_S5 package; writing it with SLP_EN to PM1a_CNT powers off
 ACPI_S5_SLP_TYP = 5
 ACPI_PM_TMR_HZ = 3_579_545
+
+
+def pci_mmio64_window(ram_end: int) -> tuple[int, int]:
+    """(start, size) of the 64-bit PCI MMIO window: above RAM, 1 GiB aligned."""
+    gib = 1 << 30
+    start = max(PCI_MMIO64_MIN_START, (ram_end + gib - 1) // gib * gib)
+    return start, PCI_MMIO64_SIZE

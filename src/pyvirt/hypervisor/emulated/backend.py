@@ -54,7 +54,7 @@ import unicorn
 
 from pyvirt.arch.x86_64.cpu_state import CpuState
 from pyvirt.arch.x86_64.cpu_state import Segment as CpuSegment
-from pyvirt.arch.x86_64.layout import LAPIC_ADDR
+from pyvirt.arch.x86_64.layout import LAPIC_ADDR, pci_mmio64_window
 from pyvirt.devices.bus import Bus, BusDevice
 from pyvirt.devices.irq import IrqLine
 from pyvirt.hypervisor.base import ExitKind, HypervisorError, VcpuExit
@@ -73,7 +73,7 @@ from pyvirt.hypervisor.emulated.engine import (
 )
 from pyvirt.hypervisor.emulated.engine import Segment as EngineSegment
 from pyvirt.hypervisor.emulated.irqchip import LAPIC_MMIO_SIZE, EmulatedIrqChip
-from pyvirt.hypervisor.emulated.lapic import APIC_BUS_HZ, ApicMsrFault, LocalApic
+from pyvirt.hypervisor.emulated.lapic import APIC_BUS_HZ, ApicBus, ApicMsrFault, LocalApic
 from pyvirt.memory import GuestMemory
 
 __all__ = [
@@ -255,6 +255,39 @@ class EmulatedHypervisor:
         return EmulatedVm(memory, pio, mmio, num_cpus)
 
 
+class EmulatedMsiRoute:
+    """An MSI-X vector under the software CPU: the message goes to our LAPICs.
+
+    Address (Intel SDM 11.11.1): 0xFEE in bits 31:20, destination ID in 19:12,
+    redirection hint bit 3, destination mode bit 2 (1 = logical). Data
+    (11.11.2): vector in 7:0, delivery mode in 10:8, trigger mode bit 15.
+    """
+
+    def __init__(self, bus: ApicBus) -> None:
+        self._bus = bus
+        self._msg: tuple[int, bool, int, int, bool] | None = None
+        self.sent = 0
+
+    def update(self, address: int, data: int) -> None:
+        if address >> 20 != 0xFEE:
+            self._msg = None  # not an interrupt message: dropped, as by the chipset
+            return
+        self._msg = ((address >> 12) & 0xFF, bool(address & 0x4), (data >> 8) & 7,
+                     data & 0xFF, bool(data & 0x8000))
+
+    def trigger(self) -> None:
+        msg = self._msg
+        if msg is None:
+            return
+        dest, logical, mode, vector, level = msg
+        self.sent += 1
+        self._bus.deliver(dest=dest, logical=logical, mode=mode, vector=vector,
+                          trigger_level=level, short_dest=True)
+
+    def close(self) -> None:
+        self._msg = None
+
+
 class EmulatedVm:
     def __init__(self, memory: GuestMemory, pio: Bus, mmio: Bus, num_cpus: int) -> None:
         self.memory = memory
@@ -273,6 +306,8 @@ class EmulatedVm:
             self.chip.close()
             raise
         self.vcpus: list[EmulatedVcpu] = []
+        self._dma_lock = threading.Lock()
+        self._dma_ranges: list[tuple[int, int]] = []
 
     def irq_line(self, gsi: int) -> IrqLine:
         return self.chip.irq_line(gsi)
@@ -285,9 +320,38 @@ class EmulatedVm:
         return v
 
     def invalidate_code(self, gpa: int, size: int) -> None:
-        """Drop translated code for [gpa, gpa+size) after the host wrote guest RAM."""
+        """Drop translated code for [gpa, gpa+size) now (on the vCPU thread, or
+        while no vCPU runs)."""
         for v in self.vcpus:
-            v.engine.uc.ctl_remove_cache(gpa, gpa + size)
+            v.engine.invalidate_phys(gpa, size)
+
+    def note_dma_write(self, gpa: int, size: int) -> None:
+        """The host wrote guest RAM (device DMA): translated code there is stale.
+
+        Any thread. The engine's code cache is not thread-safe, so the range is
+        queued and dropped on the vCPU thread when the CPU next accepts an
+        interrupt (the completion interrupt that tells the guest the data is
+        there) or stops. A driver that polls for completions with interrupts
+        off could run stale code from such a page until then."""
+        with self._dma_lock:
+            self._dma_ranges.append((gpa, size))
+
+    def apply_dma_invalidations(self) -> None:
+        if not self._dma_ranges:
+            return
+        with self._dma_lock:
+            ranges, self._dma_ranges = self._dma_ranges, []
+        for gpa, size in ranges:
+            self.invalidate_code(gpa, size)
+
+    def msi_route(self) -> EmulatedMsiRoute:
+        return EmulatedMsiRoute(self.chip.apic_bus)
+
+    def add_ioeventfd(self, addr: int, length: int, fd: int) -> bool:
+        return False  # notifications arrive as MMIO writes on the bus
+
+    def remove_ioeventfd(self, addr: int, length: int, fd: int) -> None:
+        pass
 
     def close(self) -> None:
         self.chip.close()
@@ -314,7 +378,8 @@ class EmulatedVcpu:
             eng.map_ram(region.guest_addr, region.size, region.host_addr)
         lapic = chip.lapic(i)
         ram = [(r.guest_addr, r.size) for r in vm.memory.regions]
-        for start, end in mmio_holes(ram):
+        high = pci_mmio64_window(vm.memory.end)
+        for start, end in [*mmio_holes(ram), (high[0], high[0] + high[1])]:
             w = _BusWindow(start, bus=vm.mmio)
             eng.map_mmio(start, end - start, w.read, w.write)
         lw = _BusWindow(LAPIC_ADDR, device=lapic)
@@ -323,16 +388,19 @@ class EmulatedVcpu:
         eng.set_pio_handlers(pio.inp, pio.out)
         eng.set_msr_callback(MsrRouter(lapic))
         eng.set_cpuid(CpuidModel(vm.tsc_hz, APIC_BUS_HZ, apic_id=i))
-        eng.set_irq_callback(self._make_ack(chip, eng, i))
+        eng.set_irq_callback(self._make_ack(chip, eng, i, vm))
         chip.set_notify(i, self._make_notify(lapic, eng))
 
     @staticmethod
-    def _make_ack(chip: EmulatedIrqChip, eng: Engine, i: int) -> Callable[[], int]:
+    def _make_ack(chip: EmulatedIrqChip, eng: Engine, i: int,
+                  vm: EmulatedVm) -> Callable[[], int]:
         interrupt_for_cpu = chip.interrupt_for_cpu
         has_interrupt = chip.has_interrupt
         raise_irq = eng.raise_irq
 
         def ack() -> int:
+            if vm._dma_ranges:  # on this (the vCPU) thread, before the guest looks
+                vm.apply_dma_invalidations()
             # the engine lowered INTR before calling us; raise it again while
             # another interrupt is deliverable (e.g. a higher-priority class)
             v = interrupt_for_cpu(i)
@@ -390,6 +458,7 @@ class EmulatedVcpu:
                 except EngineError as exc:
                     return VcpuExit(ExitKind.INTERNAL_ERROR, f"engine: {exc}", self.registers())
                 if r is RunExit.STOPPED:
+                    self.vm.apply_dma_invalidations()
                     return VcpuExit(ExitKind.KICKED)
                 if r is RunExit.SHUTDOWN:
                     return VcpuExit(ExitKind.SHUTDOWN, "triple fault (shutdown)",

@@ -344,6 +344,11 @@ class Engine:
     def raise_nmi(self) -> None:
         self._check(self._lib.uc_x86_raise_irq(self._h, _uc.IRQ_NMI), "raise_nmi")
 
+    def invalidate_phys(self, gpa: int, size: int) -> None:
+        """Drop translated code for guest-physical [gpa, gpa+size) (patch 0011).
+        Only on the thread that runs the engine (a callback) or while it is stopped."""
+        self._lib.uc_x86_invalidate_phys(self._h, gpa, size)
+
     def stop(self) -> None:
         """Make the current (or, if none is running, the next) ``run()`` return STOPPED."""
         self._lib.uc_x86_kick(self._h)

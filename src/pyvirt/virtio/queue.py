@@ -1,0 +1,239 @@
+"""The split virtqueue (virtio 1.2, 2.7), device side, over guest RAM.
+
+The driver owns three areas: the descriptor table (16 bytes per entry), the
+available ring (flags, idx, ring[size], used_event) and the used ring (flags,
+idx, ring[size] of {id, len}, avail_event). Nothing read from them is
+trusted:
+
+- the available index may run at most ``size`` ahead of what we consumed,
+  and a head index must be below ``size``; otherwise the queue is broken
+  (``QueueBroken``) and the device must enter DEVICE_NEEDS_RESET (2.1.2);
+- a descriptor chain longer than the queue (a loop), an indirect table that
+  is empty, misaligned in length or nested, a buffer outside guest RAM, or a
+  device-readable buffer after a device-writable one fails only that request:
+  ``pop`` returns the chain with ``error`` set, and the device completes it
+  with nothing written.
+
+Memory ordering: the guest runs on other CPUs. x86 keeps loads ordered with
+loads and stores with stores, so the only barrier needed is store→load where
+we publish (used idx / avail_event) and then read what the driver published
+(used_event / avail idx). ``full_fence`` gives it: acquiring a lock is a
+``lock``-prefixed instruction, a full barrier on x86.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from pyvirt.memory import GuestMemory
+
+__all__ = ["Chain", "QueueBroken", "SplitQueue", "full_fence"]
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
+DESC_SIZE = 16
+MAX_QUEUE_SIZE = 32768
+#: the most descriptors an indirect table may hold (Linux uses at most a few hundred)
+MAX_INDIRECT = 4096
+
+_DESC = struct.Struct("<QIHH")
+_USED_ELEM = struct.Struct("<II")
+_fence_lock = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier (see the module docstring)."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+class QueueBroken(Exception):
+    """The driver broke the queue itself: the device needs a reset."""
+
+
+@dataclass(slots=True)
+class Chain:
+    """One request: a head index and its buffers as (guest address, length)."""
+
+    head: int
+    readable: list[tuple[int, int]] = field(default_factory=list)
+    writable: list[tuple[int, int]] = field(default_factory=list)
+    #: why the chain is unusable (it must be completed with len 0), or None
+    error: str | None = None
+
+    @property
+    def readable_len(self) -> int:
+        return sum(n for _, n in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(n for _, n in self.writable)
+
+
+class SplitQueue:
+    """Configuration (written through the transport) and the ring state."""
+
+    def __init__(self, index: int, max_size: int) -> None:
+        if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError("queue size must be a power of two up to 32768")
+        self.index = index
+        self.max_size = max_size
+        self.lock = threading.Lock()  # guards the used ring (several completers)
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.ready = False
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.msix_vector = 0xFFFF
+        self.mem: GuestMemory | None = None
+        self.indirect = False
+        self.event_idx = False
+        self.last_avail = 0
+        self.used_idx = 0
+        self._signalled_used = 0
+        self._signalled_valid = False
+
+    # ---- set-up
+
+    def activate(self, mem: GuestMemory, *, indirect: bool, event_idx: bool) -> None:
+        """Check the driver's ring addresses and start using them."""
+        n = self.size
+        if not n or n & (n - 1) or n > self.max_size:
+            raise QueueBroken(f"queue {self.index}: size {n} is not a power of two "
+                              f"up to {self.max_size}")
+        areas = (("descriptor table", self.desc_addr, DESC_SIZE * n, 16),
+                 ("available ring", self.avail_addr, 6 + 2 * n, 2),
+                 ("used ring", self.used_addr, 6 + 8 * n, 4))
+        for what, addr, length, align in areas:
+            if addr % align:
+                raise QueueBroken(f"queue {self.index}: {what} at {addr:#x} is not "
+                                  f"{align}-byte aligned")
+            if not mem.check_range(addr, length):
+                raise QueueBroken(f"queue {self.index}: {what} {addr:#x}+{length:#x} "
+                                  "is not in guest RAM")
+        self.mem = mem
+        self.indirect = indirect
+        self.event_idx = event_idx
+        # a freshly enabled queue starts at index 0 on both sides (2.7.6, 2.7.8)
+        self.last_avail = self.used_idx = 0
+        self._signalled_used, self._signalled_valid = 0, False
+        self.ready = True
+
+    # ---- the available side
+
+    def _mem(self) -> GuestMemory:
+        mem = self.mem
+        if mem is None:
+            raise QueueBroken(f"queue {self.index} is not enabled")
+        return mem
+
+    def avail_idx(self) -> int:
+        return self._mem().read_u16(self.avail_addr + 2)
+
+    def has_available(self) -> bool:
+        return self.ready and self.avail_idx() != self.last_avail
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None. Raises ``QueueBroken``."""
+        mem = self._mem()
+        idx = mem.read_u16(self.avail_addr + 2)
+        pending = (idx - self.last_avail) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise QueueBroken(f"queue {self.index}: available index {idx} is {pending} "
+                              f"ahead of {self.last_avail} with only {self.size} entries")
+        slot = self.last_avail % self.size
+        head = mem.read_u16(self.avail_addr + 4 + 2 * slot)
+        if head >= self.size:
+            raise QueueBroken(f"queue {self.index}: head index {head} out of range")
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        chain = Chain(head)
+        chain.error = self._walk(mem, chain)
+        if chain.error is not None:
+            chain.readable.clear()
+            chain.writable.clear()
+        return chain
+
+    def _walk(self, mem: GuestMemory, chain: Chain) -> str | None:
+        table, count, i = self.desc_addr, self.size, chain.head
+        indirect_seen = False
+        seen = 0
+        while True:
+            seen += 1
+            if seen > count:
+                return "descriptor chain longer than its table (a loop?)"
+            addr, length, flags, nxt = _DESC.unpack(mem.view(table + DESC_SIZE * i, DESC_SIZE))
+            if flags & DESC_F_INDIRECT:
+                if not self.indirect:
+                    return "indirect descriptor without VIRTIO_F_INDIRECT_DESC"
+                if indirect_seen:
+                    return "nested indirect descriptor table"
+                if flags & DESC_F_NEXT:
+                    return "indirect descriptor with the NEXT flag"
+                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT:
+                    return f"indirect table length {length} is invalid"
+                if not mem.check_range(addr, length):
+                    return f"indirect table {addr:#x}+{length:#x} is outside guest RAM"
+                indirect_seen = True
+                table, count, i, seen = addr, length // DESC_SIZE, 0, 0
+                continue
+            if length:
+                if not mem.check_range(addr, length):
+                    return f"buffer {addr:#x}+{length:#x} is outside guest RAM"
+                if flags & DESC_F_WRITE:
+                    chain.writable.append((addr, length))
+                elif chain.writable:
+                    return "device-readable buffer after a device-writable one"
+                else:
+                    chain.readable.append((addr, length))
+            if not flags & DESC_F_NEXT:
+                return None
+            if nxt >= count:
+                return f"next index {nxt} out of range"
+            i = nxt
+
+    # ---- the used side
+
+    def push(self, head: int, written: int) -> None:
+        """Return chain ``head`` with ``written`` bytes written (call with ``lock``)."""
+        mem = self._mem()
+        slot = self.used_idx % self.size
+        mem.view(self.used_addr + 4 + 8 * slot, 8)[:] = _USED_ELEM.pack(head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        mem.write_u16(self.used_addr + 2, self.used_idx)  # x86: ordered after the element
+
+    def needs_interrupt(self) -> bool:
+        """After ``push``es: should the driver be interrupted? (call with ``lock``)"""
+        mem = self._mem()
+        full_fence()
+        new = self.used_idx
+        if not self.event_idx:
+            return not mem.read_u16(self.avail_addr) & AVAIL_F_NO_INTERRUPT
+        old = self._signalled_used
+        valid = self._signalled_valid
+        self._signalled_used = new
+        self._signalled_valid = True
+        if not valid:
+            return True
+        used_event = mem.read_u16(self.avail_addr + 4 + 2 * self.size)
+        # 2.7.10: vring_need_event(event, new, old)
+        return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+    def enable_notifications(self) -> bool:
+        """Ask for a notification on the next buffer; True if one is already there."""
+        mem = self._mem()
+        if self.event_idx:
+            mem.write_u16(self.used_addr + 4 + 8 * self.size, self.last_avail)
+        else:
+            mem.write_u16(self.used_addr, 0)
+        full_fence()
+        return self.avail_idx() != self.last_avail
