@@ -133,3 +133,30 @@ def test_shell_on_virtio_console(image: GuestImage, vm_factory: type[EmuVm]) -> 
     assert "CONS=hvc0" in text
     vm.send("poweroff")
     assert vm.exit_status() == 0, vm.text[-3000:]
+
+
+def test_intx_fallback_through_prt(image: GuestImage, vm_factory: type[EmuVm],
+                                   disks: dict[str, Path]) -> None:
+    """With MSI off (``pci=nomsi``) the devices interrupt through INTx: the
+    DSDT's _PRT routes them to IOAPIC GSIs 16-23, level-triggered."""
+    disks["scratch"].write_bytes(bytes(range(256)) * ((4 << 20) // 256))
+    vm = vm_factory("--cmdline", "pci=nomsi", "--disk", f"path={disks['scratch']}")
+    vm.wait_for(READY)
+    vm.send("grep -E 'virtio[0-9]' /proc/interrupts | sed 's/^/IRQLINE /'")
+    vm.send("dd if=/dev/vda bs=64k count=16 iflag=direct 2>/dev/null | sha256sum | "
+            "cut -c1-64 | sed 's/^/SUM=/'")
+    vm.send(f"echo {marker('RNG')}$(dd if=/dev/hwrng bs=16 count=1 2>/dev/null | "
+            "od -An -tx1 | wc -w)")
+    vm.send('echo "DONE-""MARK"')
+    vm.wait_for(b"DONE-MARK", timeout=60)
+    text = vm.text
+    vm.send("poweroff")
+    assert vm.exit_status() == 0, vm.text[-3000:]
+    lines = re.findall(r"^IRQLINE\s+(\d+):\s+(\d+)\s+IO-APIC\s+\S+-fasteoi\s+(virtio\d)$",
+                       text, re.M)
+    assert len(lines) == 2, text[-3000:]  # virtio0 (blk) and virtio1 (rng), no MSI-X
+    for gsi, count, _ in lines:
+        assert 16 <= int(gsi) <= 23 and int(count) > 0
+    assert _field(text, "SUM") == hashlib.sha256(
+        disks["scratch"].read_bytes()[:1 << 20]).hexdigest()
+    assert _field(text, "RNG") == "16"

@@ -453,3 +453,54 @@ def test_cpuid_override() -> None:
     g.eng.run()
     assert g.q(RES + 128) == 0x4B4D564B
     assert g.q(RES + 136) >= 1  # untouched leaf keeps the engine's answer
+
+
+# --- patch 11: invalidate translated code by guest-physical address ------------------
+
+FUNC = 0x40000
+
+
+def _stale_code_guest() -> Guest:
+    g = Guest(halt="return", handlers={
+        0x43: f"mov rax, {FUNC:#x}\ncall rax\nmov [{RES + 96:#x}], rax\nhlt"})
+    g.load(f"mov rax, {FUNC:#x}\ncall rax\nmov [{RES + 88:#x}], rax\nsti\nhlt\n1: jmp 1b")
+    g.load("mov rax, 1\nret", at=FUNC)
+    assert g.eng.run() is RunExit.HALTED
+    assert g.q(RES + 88) == 1
+    g.load("mov rax, 2\nret", at=FUNC)  # the host rewrites code behind the CPU's back
+    return g
+
+
+def test_invalidate_phys_drops_stale_code() -> None:
+    g = _stale_code_guest()
+    g.eng.set_irq_callback(lambda: 0x43)
+    g.eng.raise_irq()
+    assert g.eng.run() is RunExit.HALTED
+    assert g.q(RES + 96) == 1  # without invalidation the old translation runs
+
+    g = _stale_code_guest()
+    g.eng.invalidate_phys(FUNC, 16)
+    g.eng.set_irq_callback(lambda: 0x43)
+    g.eng.raise_irq()
+    assert g.eng.run() is RunExit.HALTED
+    assert g.q(RES + 96) == 2
+
+
+def test_invalidate_phys_from_the_interrupt_ack_callback() -> None:
+    """How the VMM uses it: drop DMA'd ranges when the completion interrupt is
+    taken. The call must not disturb the interrupt being delivered (the
+    virtual-address uc_ctl_remove_cache turned it into a double fault), also
+    for a physical address that no page table maps."""
+    g = _stale_code_guest()
+
+    def ack() -> int:
+        g.eng.invalidate_phys(0x1F0000, 4096)  # RAM, but not where anything ran
+        g.eng.invalidate_phys(RAM + (1 << 30), 4096)  # not RAM at all: ignored
+        g.eng.invalidate_phys(FUNC, 16)
+        return 0x43
+
+    g.eng.set_irq_callback(ack)
+    g.eng.raise_irq()
+    assert g.eng.run() is RunExit.HALTED
+    assert g.result()[0] == 0  # no exception vector was recorded
+    assert g.q(RES + 96) == 2

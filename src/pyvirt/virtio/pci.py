@@ -158,11 +158,23 @@ class VirtioPciDevice(PciDevice):
                     self.vm.remove_ioeventfd(self._ioeventfd_at + NOTIFY_OFF + NOTIFY_MULT * i,
                                              2, fd)
                 self._ioeventfd_at = None
-            if new is not None:
-                registered = [self.vm.add_ioeventfd(new + NOTIFY_OFF + NOTIFY_MULT * i, 2, fd)
-                              for i, fd in enumerate(self.notify_fds)]
-                if all(registered):
-                    self._ioeventfd_at = new
+            if new is None:
+                return
+            done: list[tuple[int, int]] = []
+            try:
+                for i, fd in enumerate(self.notify_fds):
+                    addr = new + NOTIFY_OFF + NOTIFY_MULT * i
+                    if not self.vm.add_ioeventfd(addr, 2, fd):
+                        break
+                    done.append((addr, fd))
+            except Exception as exc:  # e.g. an address clash: notifies still work
+                log.warning("%s: no ioeventfd at %#x (%s); queue notifies exit to the VMM",
+                            self.name, new, exc)
+            if len(done) == len(self.notify_fds):
+                self._ioeventfd_at = new
+            else:  # all or none: the bus path serves the notify region
+                for addr, fd in done:
+                    self.vm.remove_ioeventfd(addr, 2, fd)
 
     def _msix_control_written(self, offset: int, size: int) -> None:
         self.msix.control_written(self.get(self._msix_cap + 2, 2))
