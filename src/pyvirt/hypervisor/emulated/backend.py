@@ -38,9 +38,10 @@ Limits / notes for whoever continues:
   * guest writes to IA32_TSC (MSR 0x10) change the engine's TSC offset but not
     what the LAPIC's TSC-deadline timer compares against; Linux does not write
     it on a single CPU.
-  * writes into guest RAM from the host (DMA) bypass TCG's self-modifying-code
-    tracking; none of today's devices do DMA. A device that does must call
-    ``EmulatedVm.invalidate_code(gpa, size)`` after writing.
+  * writes into guest RAM from the host (device DMA) bypass TCG's
+    self-modifying-code tracking: devices report them (``Vm.note_dma_write``),
+    the ranges are queued and dropped on the vCPU thread by engine patch 0011
+    when the CPU next takes an interrupt (the completion interrupt) or stops.
 """
 
 from __future__ import annotations
