@@ -71,9 +71,13 @@ ECX_CLEAR = (ECX_MONITOR | ECX_DTES64 | ECX_DSCPL | ECX_VMX | ECX_SMX | ECX_EST 
              | ECX_F16C)
 EDX_CLEAR = EDX_MCE | EDX_MCA | EDX_ACPI | EDX_TM | EDX_PBE
 
-# leaf 7 EBX: only what this TCG executes (FSGSBASE, BMI1, SMEP, BMI2, ERMS, ADX,
-# SMAP); never HLE/RTM/AVX2/INVPCID/MPX/AVX-512
-L7_EBX_KEEP = (1 << 0) | (1 << 3) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 19) | (1 << 20)
+# leaf 7 EBX: only what this TCG executes (FSGSBASE, BMI1, SMEP, BMI2, ADX, SMAP);
+# never HLE/RTM/AVX2/INVPCID/MPX/AVX-512. Not ERMS either: with it Linux clears
+# and copies with byte-wise "rep stosb/movsb" (clear_page_erms, clear_user,
+# copy_user_enhanced_fast_string), which TCG runs one byte per loop iteration;
+# without it Linux uses 8-byte "rep stosq/movsq": a guest dd from /dev/zero ran
+# 8x faster (384 -> 3000+ MiB/s).
+L7_EBX_KEEP = (1 << 0) | (1 << 3) | (1 << 7) | (1 << 8) | (1 << 19) | (1 << 20)
 L7_EDX_ARCH_CAPABILITIES = 1 << 29
 LEAF6_ARAT = 1 << 2
 
