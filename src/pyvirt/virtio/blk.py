@@ -245,17 +245,22 @@ class BlockDevice(VirtioDevice):
         if transport is None or mem is None:
             return
         while True:
-            chain = q.pop()
-            if chain is None:
-                if not q.enable_notifications():
-                    return
+            batch: list[_Request] = []
+            while (chain := q.pop()) is not None:
+                req = self._parse(mem, q, chain)
+                if req is not None:
+                    batch.append(req)
+            if batch:
+                with self._idle:
+                    self._in_flight += len(batch)
+                # all but the last go to the workers; the last runs here, which
+                # spares a thread hand-off for the common single request
+                for req in batch[:-1]:
+                    self._jobs.put(req)
+                self._run_one(batch[-1])
                 continue
-            req = self._parse(mem, q, chain)
-            if req is None:
-                continue
-            with self._idle:
-                self._in_flight += 1
-            self._jobs.put(req)
+            if not q.enable_notifications():
+                return
 
     def _fail_early(self, q: SplitQueue, chain: Chain, why: str, status_addr: int | None,
                     status: int = S_IOERR) -> None:
@@ -283,7 +288,11 @@ class BlockDevice(VirtioDevice):
             self._fail_early(q, chain, f"request header of {chain.readable_len} bytes "
                              f"(needs {_HEADER.size})", status_addr)
             return None
-        header = b"".join(bytes(mem.view(a, n)) for a, n in chain.readable)
+        header = bytearray()
+        for a, n in chain.readable:  # the header may span buffers; copy just 16 bytes
+            header += mem.view(a, min(n, _HEADER.size - len(header)))
+            if len(header) == _HEADER.size:
+                break
         rtype, _, sector = _HEADER.unpack_from(header)
         req = _Request(q, chain, rtype, sector, status_addr)
         if rtype in (T_IN, T_GET_ID):
@@ -303,19 +312,22 @@ class BlockDevice(VirtioDevice):
 
     def _worker(self) -> None:
         while (req := self._jobs.get()) is not None:
-            try:
-                status, written = self._execute(req)
-            except Exception as exc:  # a bug here must fail the request, not the VM
-                log.exception("%s: request failed", self.name)
-                self._note(f"internal error: {exc}")
-                status, written = S_IOERR, 0
-            try:
-                self._finish(req, status, written)
-            finally:
-                with self._idle:
-                    self._in_flight -= 1
-                    if self._in_flight == 0:
-                        self._idle.notify_all()
+            self._run_one(req)
+
+    def _run_one(self, req: _Request) -> None:
+        try:
+            status, written = self._execute(req)
+        except Exception as exc:  # a bug here must fail the request, not the VM
+            log.exception("%s: request failed", self.name)
+            self._note(f"internal error: {exc}")
+            status, written = S_IOERR, 0
+        try:
+            self._finish(req, status, written)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.notify_all()
 
     def _finish(self, req: _Request, status: int, written: int) -> None:
         transport, mem = self.transport, self.mem
@@ -383,23 +395,25 @@ class BlockDevice(VirtioDevice):
             self._note(f"discard/write-zeroes payload of {length} bytes")
             return S_IOERR, 0
         payload = b"".join(bytes(self.mem.view(a, n)) for a, n in req.data)
-        for i in range(0, length, _SEGMENT.size):
-            sector, count, flags = _SEGMENT.unpack_from(payload, i)
-            start, size = sector * SECTOR, count * SECTOR
+        segs = [_SEGMENT.unpack_from(payload, i) for i in range(0, length, _SEGMENT.size)]
+        for sector, count, flags in segs:  # check them all before changing anything
             if flags & ~1 or (req.type == T_DISCARD and flags):
                 return S_UNSUPP, 0
-            if sector >= 1 << 55 or start + size > self.image.size:
+            if sector >= 1 << 55 or (sector + count) * SECTOR > self.image.size:
                 self._note("discard/write-zeroes beyond the capacity")
                 return S_IOERR, 0
+        for sector, count, flags in segs:
+            start, size = sector * SECTOR, count * SECTOR
             try:
-                self._zero(start, size, punch=req.type == T_DISCARD or bool(flags & 1))
+                self._zero(start, size, punch=req.type == T_DISCARD or bool(flags & 1),
+                           hint=req.type == T_DISCARD)
             except OSError as exc:
                 self._note(f"discard/write-zeroes failed: {exc.strerror}")
                 return S_IOERR, 0
         self.stats["other"] += 1
         return S_OK, 0
 
-    def _zero(self, start: int, size: int, *, punch: bool) -> None:
+    def _zero(self, start: int, size: int, *, punch: bool, hint: bool = False) -> None:
         fd = self.image.fd
         if not size:
             return
@@ -412,7 +426,7 @@ class BlockDevice(VirtioDevice):
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
-                if punch and self.discard:
+                if hint:
                     return  # discard is a hint: nothing to do where holes are unsupported
         chunk = bytes(1 << 20)
         done = 0

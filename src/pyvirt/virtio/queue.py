@@ -164,14 +164,20 @@ class SplitQueue:
         return chain
 
     def _walk(self, mem: GuestMemory, chain: Chain) -> str | None:
-        table, count, i = self.desc_addr, self.size, chain.head
+        # one memoryview over the table (no copy); RAM bounds as plain tuples:
+        # this loop runs once per descriptor, up to hundreds per request
+        spans = [(r.guest_addr, r.end) for r in mem.regions]
+        count, i = self.size, chain.head
+        table = mem.view(self.desc_addr, DESC_SIZE * count)
+        unpack = _DESC.unpack_from
+        readable, writable = chain.readable, chain.writable
         indirect_seen = False
         seen = 0
         while True:
             seen += 1
             if seen > count:
                 return "descriptor chain longer than its table (a loop?)"
-            addr, length, flags, nxt = _DESC.unpack(mem.view(table + DESC_SIZE * i, DESC_SIZE))
+            addr, length, flags, nxt = unpack(table, DESC_SIZE * i)
             if flags & DESC_F_INDIRECT:
                 if not self.indirect:
                     return "indirect descriptor without VIRTIO_F_INDIRECT_DESC"
@@ -184,17 +190,21 @@ class SplitQueue:
                 if not mem.check_range(addr, length):
                     return f"indirect table {addr:#x}+{length:#x} is outside guest RAM"
                 indirect_seen = True
-                table, count, i, seen = addr, length // DESC_SIZE, 0, 0
+                table, count, i, seen = mem.view(addr, length), length // DESC_SIZE, 0, 0
                 continue
             if length:
-                if not mem.check_range(addr, length):
+                end = addr + length
+                for lo, hi in spans:
+                    if lo <= addr and end <= hi:
+                        break
+                else:
                     return f"buffer {addr:#x}+{length:#x} is outside guest RAM"
                 if flags & DESC_F_WRITE:
-                    chain.writable.append((addr, length))
-                elif chain.writable:
+                    writable.append((addr, length))
+                elif writable:
                     return "device-readable buffer after a device-writable one"
                 else:
-                    chain.readable.append((addr, length))
+                    readable.append((addr, length))
             if not flags & DESC_F_NEXT:
                 return None
             if nxt >= count:
