@@ -52,7 +52,9 @@ def disks(tmp_path: Path) -> dict[str, Path]:
     scratch.write_bytes(bytes(4 << 20))
     ro = tmp_path / "ro.img"
     ro.write_bytes(b"\xa5" * (2 << 20))
-    return {"fs": fs, "scratch": scratch, "ro": ro}
+    disc = tmp_path / "discard.img"
+    disc.write_bytes(b"\xff" * (4 << 20))
+    return {"fs": fs, "scratch": scratch, "ro": ro, "discard": disc}
 
 
 def test_disks_rng_and_lock(image: GuestImage, vm_factory: type[EmuVm],
@@ -61,7 +63,8 @@ def test_disks_rng_and_lock(image: GuestImage, vm_factory: type[EmuVm],
     vm = vm_factory(
         "--disk", f"path={disks['fs']},serial=fs-disk",
         "--disk", f"path={disks['scratch']},cache=none,serial=scratch",
-        "--disk", f"path={disks['ro']},readonly=on,serial=ro-disk")
+        "--disk", f"path={disks['ro']},readonly=on,serial=ro-disk",
+        "--disk", f"path={disks['discard']},discard=on")
     vm.wait_for(READY)
 
     # while it runs, a second VM must not get the writable image
@@ -92,6 +95,9 @@ def test_disks_rng_and_lock(image: GuestImage, vm_factory: type[EmuVm],
     vm.send(f"echo {marker('RNG')}$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | "
             "od -An -tx1 | wc -w)")
     vm.send(f"echo {marker('RNGNAME')}$(cat /sys/class/misc/hw_random/rng_current)")
+    vm.send(f"echo {marker('DISCMAX')}$(cat /sys/block/vdd/queue/discard_max_bytes)"
+            f" {marker('NODISC')}$(cat /sys/block/vdb/queue/discard_max_bytes)")
+    vm.send(f"blkdiscard /dev/vdd; echo {marker('DISCARD')}$?")
     vm.send('echo "DONE-""MARK"')
     vm.wait_for(b"DONE-MARK", timeout=120)
     text = vm.text
@@ -114,6 +120,11 @@ def test_disks_rng_and_lock(image: GuestImage, vm_factory: type[EmuVm],
     assert _field(text, "RNG") == "32"
     assert _field(text, "RNGNAME").startswith("virtio_rng")
     assert "Call Trace" not in vm.text
+    discmax = re.search(r"DISCMAX=(\d+) NODISC=(\d+)", text)
+    assert discmax and int(discmax.group(1)) > 0 and discmax.group(2) == "0", text[-2000:]
+    assert _field(text, "DISCARD") == "0"
+    assert disks["discard"].read_bytes() == bytes(4 << 20)  # punched: reads as zeros
+    assert disks["discard"].stat().st_blocks * 512 < (1 << 20)  # and no longer allocated
 
     fsck = subprocess.run(["e2fsck", "-fn", str(disks["fs"])], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
