@@ -1,6 +1,7 @@
 # pyvirt — every target sets up what it needs, idempotently, on a fresh Debian 12.
 #   make run    set up, build the default guest, boot it to a shell
 #   make test   set up and run every test
+#   make rootfs the Debian root filesystem image (debootstrap; needs root)
 #   make bench  pyvirt vs QEMU side by side (docs/benchmarks.md)
 #   make soak   N consecutive boots of the default guest (N=100)
 #   make lint   ruff + mypy
@@ -12,18 +13,18 @@ PY := $(VENV)/bin/python
 STAMPS := .make
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := python3-venv gcc binutils make linux-libc-dev kmod cpio acpica-tools \
-	e2fsprogs qemu-system-x86 qemu-utils cmake pkg-config
+	e2fsprogs qemu-system-x86 qemu-utils cmake pkg-config debootstrap
 N ?= 100
 
-.PHONY: run test bench soak lint setup guest clean engine
+.PHONY: run test bench soak lint setup guest rootfs clean engine
 
 run: setup guest
 	$(VENV)/bin/pyvirt run $(ARGS)
 
-test: setup guest
+test: setup guest rootfs
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
-bench: setup guest
+bench: setup guest rootfs
 	$(PY) -m bench $(BENCH_ARGS)
 
 soak: setup guest
@@ -35,7 +36,8 @@ lint: setup
 
 setup: $(STAMPS)/apt $(STAMPS)/venv engine
 
-$(STAMPS)/apt:
+# Re-checked whenever this Makefile changes (APT_PACKAGES may have grown).
+$(STAMPS)/apt: Makefile
 	@mkdir -p $(STAMPS)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 		| grep -q 'install ok installed' || echo $$p; done); \
@@ -59,6 +61,12 @@ engine: $(STAMPS)/venv
 
 guest: $(STAMPS)/venv
 	@$(PY) -m pyvirt.guest.build
+
+# The Debian root filesystem for root=/dev/vda (~1 min once, then cached). debootstrap
+# needs root: elsewhere this says so, and the tests that need the image skip.
+rootfs: $(STAMPS)/apt $(STAMPS)/venv
+	@if [ "$$(id -u)" = 0 ]; then $(PY) -m pyvirt.guest.rootfs; \
+	else echo "rootfs: skipped: debootstrap needs root (run make rootfs as root)"; fi
 
 clean:
 	rm -rf $(STAMPS) build dist tests/guests/build third_party/unicorn/build

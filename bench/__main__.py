@@ -1,6 +1,6 @@
 """``make bench``: pyvirt side by side with C and QEMU; prints medians and ratios.
 
-    python -m bench [--runs N] [--only kvm,emu]
+    python -m bench [--runs N] [--only kvm,emu,blk]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from bench.common import print_rows
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--runs", type=int, default=5, help="runs per side (alternating)")
-    ap.add_argument("--only", default="kvm,emu", help="comma-separated: kvm, emu")
+    ap.add_argument("--only", default="kvm,emu,blk", help="comma-separated: kvm, emu, blk")
     args = ap.parse_args()
     which = set(args.only.split(","))
     print(f"pyvirt benchmarks on {platform.node()} ({platform.machine()}, "
@@ -27,6 +27,11 @@ def main() -> None:
         from bench import emu_bench
 
         print_rows("software CPU, default Linux guest", emu_bench.run(args.runs))
+    if "blk" in which:
+        from bench import blk_bench
+
+        print_rows("virtio-blk, fio in the Debian rootfs guest, software CPU",
+                   blk_bench.run(args.runs))
 
 
 if __name__ == "__main__":

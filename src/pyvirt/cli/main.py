@@ -124,6 +124,10 @@ def guest_build(ctx: click.Context, force: bool, rootfs: bool, size: int | None)
 
     def go() -> int:
         log: Callable[[str], None] = lambda s: click.echo(f"pyvirt: {s}", err=True)  # noqa: E731
+        if rootfs:
+            from pyvirt.guest.rootfs import check_size
+
+            check_size(size)
         g = build_default_guest(force=force, log=log)
         click.echo(f"kernel: {g.kernel}\ninitrd: {g.initrd}")
         if rootfs:

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: bump when the build changes in a way the script hashes below do not capture
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 #: modules the guest loads at boot (their dependencies are added automatically)
 GUEST_MODULES = (
@@ -436,12 +436,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def _build_lock(root: Path) -> Iterator[None]:
+def _build_lock(root: Path, name: str = "guest.lock") -> Iterator[None]:
     # Two builds at once (parallel tests) would download twice and race on the renames.
     try:
-        fd = os.open(root / "guest.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(root / name, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise GuestBuildError(f"cannot create {root / 'guest.lock'}: {err.strerror}") from err
+        raise GuestBuildError(f"cannot create {root / name}: {err.strerror}") from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

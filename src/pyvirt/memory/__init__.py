@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import struct
+import sys
 from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,9 +39,15 @@ GuestAddress = NewType("GuestAddress", int)
 PCI_HOLE_START = 0xC000_0000
 PCI_HOLE_END = 0x1_0000_0000  # first byte after the hole (4 GiB)
 
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
+# Native formats on purpose: a standard-size format ("<H") packs and unpacks
+# byte by byte, so a vCPU could see a torn 16-bit ring index (0x01FF -> 0x0000
+# -> 0x0200) while a device thread stores it. Native formats copy the whole
+# value with one naturally sized load/store; x86 is little-endian, as guests
+# expect.
+assert sys.byteorder == "little", "pyvirt guest memory helpers assume a little-endian host"
+_U16 = struct.Struct("@H")
+_U32 = struct.Struct("@I")
+_U64 = struct.Struct("@Q")
 
 
 class GuestMemoryError(PyvirtError):

@@ -48,7 +48,6 @@ def pci_dsdt_objects(mmio64: tuple[int, int]) -> list[aml.AmlNode]:
     pci0 = aml.Device("PCI0", [
         aml.Name("_HID", aml.EisaId("PNP0A08")),
         aml.Name("_CID", aml.EisaId("PNP0A03")),
-        aml.Name("_ADR", 0),
         aml.Name("_SEG", 0),
         aml.Name("_UID", 0),
         aml.Name("_BBN", 0),

@@ -108,6 +108,9 @@ class VirtioPciDevice(PciDevice):
                                 | 1 << F_EVENT_IDX)
         self._vlock = threading.RLock()
         self._isr_lock = threading.Lock()
+        # status and generation as device threads change them: never _vlock there, a
+        # reset holds _vlock while it joins the I/O thread
+        self._status_lock = threading.Lock()
         self.isr = 0
         self._ioeventfd_at: int | None = None
         self._worker: QueueWorker | None = None
@@ -313,22 +316,25 @@ class VirtioPciDevice(PciDevice):
         if value == 0:
             self._reset()
             return
-        old = self.status
-        new = (value & ~STATUS_DEVICE_NEEDS_RESET) | (old & STATUS_DEVICE_NEEDS_RESET)
-        if new & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
-            bad = self.driver_features & ~self.device_features
-            if bad or not self.driver_features >> F_VERSION_1 & 1:
-                log.info("%s: driver features %#x refused (unknown bits %#x)", self.name,
-                         self.driver_features, bad)
-                new &= ~STATUS_FEATURES_OK
-        if new & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK:
-            if not new & STATUS_FEATURES_OK:
-                new &= ~STATUS_DRIVER_OK
-            else:
-                self.status = new
-                self._activate()
-                return
-        self.status = new
+        activate = False
+        with self._status_lock:
+            old = self.status
+            new = (value & ~STATUS_DEVICE_NEEDS_RESET) | (old & STATUS_DEVICE_NEEDS_RESET)
+            if new & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
+                bad = self.driver_features & ~self.device_features
+                if bad or not self.driver_features >> F_VERSION_1 & 1:
+                    log.info("%s: driver features %#x refused (unknown bits %#x)", self.name,
+                             self.driver_features, bad)
+                    new &= ~STATUS_FEATURES_OK
+            if new & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK:
+                if not new & STATUS_FEATURES_OK:
+                    new &= ~STATUS_DRIVER_OK
+                else:
+                    # a driver that clears DRIVER_OK and sets it again gets no second I/O thread
+                    activate = self._worker is None
+            self.status = new
+        if activate:
+            self._activate()
 
     def _activate(self) -> None:
         self.device.activate(self, self.queues, self.driver_features)
@@ -361,7 +367,7 @@ class VirtioPciDevice(PciDevice):
 
     def needs_reset(self, reason: str) -> None:
         log.warning("%s: %s; the device needs a reset", self.name, reason)
-        with self._vlock:
+        with self._status_lock:
             self.status |= STATUS_DEVICE_NEEDS_RESET
         self.config_changed()
 
@@ -369,7 +375,7 @@ class VirtioPciDevice(PciDevice):
         self.vm.note_dma_write(gpa, size)
 
     def config_changed(self) -> None:
-        with self._vlock:
+        with self._status_lock:
             self.generation += 1
         self._interrupt(self.config_msix, 2)
 
