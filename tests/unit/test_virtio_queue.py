@@ -401,7 +401,6 @@ def test_no_interrupt_flag_without_event_idx(mem: GuestMemory) -> None:
 
 def test_used_event(mem: GuestMemory) -> None:
     q = make_queue(mem, size=8, event_idx=True)
-    q.suppress_by_used_event = True
     mem.write_u16(AVAIL, 1)  # NO_INTERRUPT means nothing under EVENT_IDX
     used_event = AVAIL + 4 + 2 * 8
     mem.write_u16(used_event, 100)
@@ -428,23 +427,8 @@ def test_used_event(mem: GuestMemory) -> None:
     assert q.needs_interrupt()
 
 
-def test_event_idx_default_interrupts_for_every_batch(mem: GuestMemory) -> None:
-    """By default (see SplitQueue.needs_interrupt) used_event is not used to
-    hold interrupts back: every batch of new used entries interrupts, and a
-    call with nothing new does not."""
-    q = make_queue(mem, size=8, event_idx=True)
-    mem.write_u16(AVAIL + 4 + 2 * 8, 100)  # "not before entry 100"
-    q.push(0, 0)
-    assert q.needs_interrupt()
-    q.push(0, 0)
-    q.push(0, 0)
-    assert q.needs_interrupt()
-    assert not q.needs_interrupt()  # nothing new since the last one
-
-
 def test_used_event_across_the_wrap(mem: GuestMemory) -> None:
     q = make_queue(mem, size=8, event_idx=True)
-    q.suppress_by_used_event = True
     used_event = AVAIL + 4 + 2 * 8
     q.used_idx = 0xFFFE
     q.push(0, 0)  # 0xFFFF
