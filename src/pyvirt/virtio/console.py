@@ -17,8 +17,14 @@ import threading
 from collections.abc import Callable
 
 from pyvirt.virtio import DEVICE_ID_CONSOLE
-from pyvirt.virtio.device import VirtioDevice, copy_from_chain, copy_to_chain
-from pyvirt.virtio.queue import SplitQueue
+from pyvirt.virtio.device import (
+    Transport,
+    VirtioDevice,
+    copy_from_chain,
+    copy_to_chain,
+    serve_queue,
+)
+from pyvirt.virtio.queue import Chain, SplitQueue
 
 __all__ = ["ConsoleDevice"]
 
@@ -74,25 +80,14 @@ class ConsoleDevice(VirtioDevice):
 
     def _drain_tx(self, q: SplitQueue) -> None:
         transport = self.transport
-        if transport is None:
-            return
-        done: list[tuple[int, int]] = []
-        while True:
-            chain = q.pop()
-            if chain is None:
-                if done:
-                    transport.complete(q, done)
-                    done = []
-                if not q.enable_notifications():
-                    return
-                continue
-            if chain.error is None:
-                data = copy_from_chain(transport.memory, chain, limit=1 << 20)
-                if data:
-                    self._write(data)
-            else:
-                log.warning("%s: bad descriptor chain: %s", self.name, chain.error)
-            done.append((chain.head, 0))
+        if transport is not None:
+            serve_queue(transport, q, self.name, lambda chain: self._output(transport, chain))
+
+    def _output(self, transport: Transport, chain: Chain) -> int:
+        data = copy_from_chain(transport.memory, chain, limit=1 << 20)
+        if data:
+            self._write(data)
+        return 0
 
     def _fill_rx(self, q: SplitQueue) -> None:
         transport = self.transport

@@ -26,7 +26,8 @@ from typing import Protocol
 from pyvirt.memory import GuestMemory
 from pyvirt.virtio.queue import Chain, QueueBroken, SplitQueue
 
-__all__ = ["QueueWorker", "Transport", "VirtioDevice", "copy_from_chain", "copy_to_chain"]
+__all__ = ["QueueWorker", "Transport", "VirtioDevice", "copy_from_chain", "copy_to_chain",
+           "serve_queue"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,28 @@ def copy_from_chain(mem: GuestMemory, chain: Chain, limit: int | None = None) ->
                 break
         out += mem.view(addr, length)
     return bytes(out)
+
+
+def serve_queue(transport: Transport, q: SplitQueue, name: str,
+                handle: Callable[[Chain], int]) -> None:
+    """Serve every available chain of ``q`` with ``handle`` (returns the bytes it
+    wrote); chains the queue rejected complete with 0. Completes each batch at
+    once, then re-arms notifications and goes on if more arrived meanwhile."""
+    done: list[tuple[int, int]] = []
+    while True:
+        chain = q.pop()
+        if chain is None:
+            if done:
+                transport.complete(q, done)
+                done = []
+            if not q.enable_notifications():
+                return
+            continue
+        if chain.error is not None:
+            log.warning("%s: bad descriptor chain: %s", name, chain.error)
+            done.append((chain.head, 0))
+        else:
+            done.append((chain.head, handle(chain)))
 
 
 class QueueWorker:

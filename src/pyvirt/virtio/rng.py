@@ -11,8 +11,8 @@ import logging
 import os
 
 from pyvirt.virtio import DEVICE_ID_RNG
-from pyvirt.virtio.device import VirtioDevice, copy_to_chain
-from pyvirt.virtio.queue import SplitQueue
+from pyvirt.virtio.device import Transport, VirtioDevice, copy_to_chain, serve_queue
+from pyvirt.virtio.queue import Chain, SplitQueue
 
 __all__ = ["RngDevice"]
 
@@ -32,27 +32,13 @@ class RngDevice(VirtioDevice):
 
     def process(self, q: SplitQueue) -> None:
         transport = self.transport
-        if transport is None:
-            return
-        mem = transport.memory
-        done: list[tuple[int, int]] = []
-        while True:
-            chain = q.pop()
-            if chain is None:
-                if done:
-                    transport.complete(q, done)
-                    done = []
-                if not q.enable_notifications():
-                    return
-                continue
-            if chain.error is not None:
-                log.warning("%s: bad descriptor chain: %s", self.name, chain.error)
-                done.append((chain.head, 0))
-                continue
-            want = min(chain.writable_len, MAX_REQUEST)
-            data = os.getrandom(want) if want else b""
-            n = copy_to_chain(mem, chain, data)
-            for addr, length in chain.writable:
-                transport.note_dma_write(addr, length)
-            self.bytes_served += n
-            done.append((chain.head, n))
+        if transport is not None:
+            serve_queue(transport, q, self.name, lambda chain: self._fill(transport, chain))
+
+    def _fill(self, transport: Transport, chain: Chain) -> int:
+        want = min(chain.writable_len, MAX_REQUEST)
+        n = copy_to_chain(transport.memory, chain, os.getrandom(want) if want else b"")
+        for addr, length in chain.writable:
+            transport.note_dma_write(addr, length)
+        self.bytes_served += n
+        return n
