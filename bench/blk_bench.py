@@ -45,6 +45,8 @@ JOBS = (
 
 BEGIN = b"FIO-BEGIN-42"
 END = b"FIO-END-43"
+#: kernel messages after which the run cannot produce figures: stop waiting
+GUEST_ERRORS = (b"I/O error", b"is not a head", b"Kernel panic", b"BUG: ", b"Oops: ")
 
 
 def fio_command(device: str = "/dev/vdb") -> str:
@@ -99,11 +101,13 @@ class _Console:
         """perf_counter() when ``needle`` showed (None when already there or never)."""
         if needle in self.buf:
             return None
-        chunk, t = read_until(self.fd, needle, timeout)
+        chunk, t = read_until(self.fd, needle, timeout, GUEST_ERRORS)
         self.buf += chunk
         if needle not in self.buf:
-            raise RuntimeError(f"no {needle.decode()!r} within {timeout:.0f}s; "
-                               f"the console ends: {self.buf[-800:]!r}")
+            errors = [e.decode() for e in GUEST_ERRORS if e in self.buf]
+            why = (f"the guest reported {', '.join(errors)}" if errors
+                   else f"no {needle.decode()!r} within {timeout:.0f}s")
+            raise RuntimeError(f"{why}; the console ends: {self.buf[-800:]!r}")
         return t
 
 

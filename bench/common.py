@@ -41,11 +41,18 @@ def print_rows(title: str, rows: list[Row]) -> None:
     sys.stdout.flush()
 
 
-def read_until(fd: int, needle: bytes, timeout: float) -> tuple[bytes, float | None]:
-    """Read until ``needle``; returns (data, time.perf_counter() when it appeared)."""
+def read_until(fd: int, needle: bytes, timeout: float,
+               fail: Sequence[bytes] = ()) -> tuple[bytes, float | None]:
+    """Read until ``needle``; returns (data, time.perf_counter() when it appeared).
+
+    Gives up early (time None) when one of ``fail`` shows up: a guest that
+    reported an error will not print the needle, so waiting is only wasted time.
+    """
     seen = b""
     deadline = time.monotonic() + timeout
     while needle not in seen:
+        if any(f in seen for f in fail):
+            return seen, None
         left = deadline - time.monotonic()
         if left <= 0:
             return seen, None

@@ -39,11 +39,17 @@ GuestAddress = NewType("GuestAddress", int)
 PCI_HOLE_START = 0xC000_0000
 PCI_HOLE_END = 0x1_0000_0000  # first byte after the hole (4 GiB)
 
-# Native formats on purpose: a standard-size format ("<H") packs and unpacks
-# byte by byte, so a vCPU could see a torn 16-bit ring index (0x01FF -> 0x0000
-# -> 0x0200) while a device thread stores it. Native formats copy the whole
-# value with one naturally sized load/store; x86 is little-endian, as guests
-# expect.
+# Ring indices and other fields the guest reads while a device thread writes
+# them must change in one naturally sized load/store, never byte by byte and
+# never through an intermediate value:
+# - standard-size struct formats ("<H") pack and unpack byte by byte (a torn
+#   0x01FF -> 0x0000 -> 0x0200 is visible);
+# - struct's pack_into zeroes its destination before it stores the value, so
+#   a vCPU can read 0 in between (this made Linux's virtio_blk read a stale
+#   used-ring entry: "id N is not a head!").
+# So aligned accesses go through memoryviews cast to the native integer type:
+# item access is one memcpy of sizeof(type), a single mov on x86. x86 is
+# little-endian, as guests expect.
 assert sys.byteorder == "little", "pyvirt guest memory helpers assume a little-endian host"
 _U16 = struct.Struct("@H")
 _U32 = struct.Struct("@I")
@@ -91,6 +97,10 @@ class GuestMemory:
         self.regions: tuple[GuestRegion, ...] = tuple(regions)
         self._starts = [r.guest_addr for r in regions]
         self._views = [memoryview(r.mmap) for r in regions]
+        # typed views for single-access (untorn) aligned loads and stores
+        self._v16 = [v.cast("H") for v in self._views]
+        self._v32 = [v.cast("I") for v in self._views]
+        self._v64 = [v.cast("Q") for v in self._views]
 
     @classmethod
     def create(cls, size: int) -> GuestMemory:
@@ -158,34 +168,55 @@ class GuestMemory:
 
     def read_u16(self, addr: int) -> int:
         i, off = self._locate(addr, 2)
-        return int(_U16.unpack_from(self._views[i], off)[0])
+        if off & 1:
+            return int(_U16.unpack_from(self._views[i], off)[0])
+        return int(self._v16[i][off >> 1])
 
     def read_u32(self, addr: int) -> int:
         i, off = self._locate(addr, 4)
-        return int(_U32.unpack_from(self._views[i], off)[0])
+        if off & 3:
+            return int(_U32.unpack_from(self._views[i], off)[0])
+        return int(self._v32[i][off >> 2])
 
     def read_u64(self, addr: int) -> int:
         i, off = self._locate(addr, 8)
-        return int(_U64.unpack_from(self._views[i], off)[0])
+        if off & 7:
+            return int(_U64.unpack_from(self._views[i], off)[0])
+        return int(self._v64[i][off >> 3])
 
     def write_u8(self, addr: int, value: int) -> None:
         self.view(addr, 1)[0] = value & 0xFF
 
+    # Unaligned stores cannot be single accesses anyway; they still avoid
+    # pack_into (zero first, then the value) and copy the final bytes.
+
     def write_u16(self, addr: int, value: int) -> None:
         i, off = self._locate(addr, 2)
-        _U16.pack_into(self._views[i], off, value & 0xFFFF)
+        if off & 1:
+            self._views[i][off : off + 2] = (value & 0xFFFF).to_bytes(2, "little")
+        else:
+            self._v16[i][off >> 1] = value & 0xFFFF
 
     def write_u32(self, addr: int, value: int) -> None:
         i, off = self._locate(addr, 4)
-        _U32.pack_into(self._views[i], off, value & 0xFFFF_FFFF)
+        if off & 3:
+            self._views[i][off : off + 4] = (value & 0xFFFF_FFFF).to_bytes(4, "little")
+        else:
+            self._v32[i][off >> 2] = value & 0xFFFF_FFFF
 
     def write_u64(self, addr: int, value: int) -> None:
         i, off = self._locate(addr, 8)
-        _U64.pack_into(self._views[i], off, value & 0xFFFF_FFFF_FFFF_FFFF)
+        if off & 7:
+            self._views[i][off : off + 8] = (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
+        else:
+            self._v64[i][off >> 3] = value & 0xFFFF_FFFF_FFFF_FFFF
 
     def close(self) -> None:
+        for typed in (self._v16, self._v32, self._v64):
+            for v in typed:
+                v.release()
         for v in self._views:
             v.release()
-        self._views = []
+        self._v16, self._v32, self._v64, self._views = [], [], [], []
         for r in self.regions:
             r.mmap.close()
