@@ -504,3 +504,58 @@ def test_invalidate_phys_from_the_interrupt_ack_callback() -> None:
     assert g.eng.run() is RunExit.HALTED
     assert g.result()[0] == 0  # no exception vector was recorded
     assert g.q(RES + 96) == 2
+
+
+# --- patch 13: ioeventfds ------------------------------------------------------
+
+MMIO = 0x200000  # the second 2 MiB page: an MMIO region (mapped by the test)
+
+
+def _mmio_guest(writes: list[tuple[int, int, int]]) -> Guest:
+    g = Guest()
+    g.write(PD + 8, struct.pack("<Q", MMIO | 0x87))  # identity-map [2 MiB, 4 MiB)
+    g.eng.map_mmio(MMIO, 0x1000, lambda off, size: 0,
+                   lambda off, size, value: writes.append((off, size, value)))
+    return g
+
+
+def test_ioeventfd_signals_without_the_mmio_callback() -> None:
+    import os
+
+    writes: list[tuple[int, int, int]] = []
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        g = _mmio_guest(writes)
+        g.eng.add_ioeventfd(MMIO + 0x10, 2, fd)
+        with pytest.raises(Exception, match="add_ioeventfd"):
+            g.eng.add_ioeventfd(MMIO + 0x10, 4, fd)  # that address is taken
+        g.load(f"""
+            mov word ptr [{MMIO + 0x10:#x}], 5
+            mov word ptr [{MMIO + 0x10:#x}], 6
+            mov word ptr [{MMIO + 0x20:#x}], 7
+            mov dword ptr [{MMIO + 0x10:#x}], 8
+            hlt""")
+        assert g.eng.run() is RunExit.HALTED
+        # the two 16-bit writes only counted; another address and another size
+        # reach the region as before
+        assert os.eventfd_read(fd) == 2
+        assert writes == [(0x20, 2, 7), (0x10, 4, 8)]
+
+        g = _mmio_guest(writes)
+        g.eng.add_ioeventfd(MMIO + 0x10, 2, fd)
+        g.eng.remove_ioeventfd(MMIO + 0x10, 2, fd)
+        writes.clear()
+        g.load(f"mov word ptr [{MMIO + 0x10:#x}], 9\nhlt")
+        assert g.eng.run() is RunExit.HALTED
+        assert writes == [(0x10, 2, 9)]
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(fd)
+
+        g = _mmio_guest(writes)
+        g.eng.add_ioeventfd(MMIO + 0x18, 0, fd)  # length 0: any size
+        writes.clear()
+        g.load(f"mov byte ptr [{MMIO + 0x18:#x}], 1\nmov qword ptr [{MMIO + 0x18:#x}], 2\nhlt")
+        assert g.eng.run() is RunExit.HALTED
+        assert os.eventfd_read(fd) == 2 and writes == []
+    finally:
+        os.close(fd)

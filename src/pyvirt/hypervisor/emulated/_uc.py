@@ -76,6 +76,10 @@ _PROTOTYPES: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "uc_x86_set_msr_callback": (ctypes.c_int, (UC_ENGINE, MSR_CB, ctypes.c_void_p)),
     "uc_x86_set_cpuid_callback": (ctypes.c_int, (UC_ENGINE, CPUID_CB, ctypes.c_void_p)),
     "uc_x86_invalidate_phys": (ctypes.c_int, (UC_ENGINE, ctypes.c_uint64, ctypes.c_size_t)),
+    "uc_x86_add_ioeventfd": (ctypes.c_int, (UC_ENGINE, ctypes.c_uint64, ctypes.c_uint32,
+                                            ctypes.c_int)),
+    "uc_x86_remove_ioeventfd": (ctypes.c_int, (UC_ENGINE, ctypes.c_uint64, ctypes.c_uint32,
+                                               ctypes.c_int)),
 }
 
 _lib: ctypes.CDLL | None = None

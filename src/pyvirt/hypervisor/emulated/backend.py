@@ -309,6 +309,8 @@ class EmulatedVm:
         self.vcpus: list[EmulatedVcpu] = []
         self._dma_lock = threading.Lock()
         self._dma_ranges: list[tuple[int, int]] = []
+        self._ioeventfd_lock = threading.Lock()
+        self._ioeventfds: list[tuple[int, int, int]] = []  # (gpa, len, fd)
 
     def irq_line(self, gsi: int) -> IrqLine:
         return self.chip.irq_line(gsi)
@@ -317,7 +319,10 @@ class EmulatedVm:
         if not 0 <= index < self.num_cpus:
             raise HypervisorError(f"vCPU {index} out of range (the VM has {self.num_cpus})")
         v = EmulatedVcpu(self, index)
-        self.vcpus.append(v)
+        with self._ioeventfd_lock:
+            for addr, length, fd in self._ioeventfds:
+                v.engine.add_ioeventfd(addr, length, fd)
+            self.vcpus.append(v)
         return v
 
     def invalidate_code(self, gpa: int, size: int) -> None:
@@ -349,10 +354,30 @@ class EmulatedVm:
         return EmulatedMsiRoute(self.chip.apic_bus)
 
     def add_ioeventfd(self, addr: int, length: int, fd: int) -> bool:
-        return False  # notifications arrive as MMIO writes on the bus
+        # the engine signals the eventfd itself (patch 0013): a kick costs the
+        # vCPU one write(2), no callback into Python
+        with self._ioeventfd_lock:
+            if (addr, length, fd) in self._ioeventfds:
+                raise HypervisorError(f"ioeventfd at {addr:#x} is already there")
+            done: list[EmulatedVcpu] = []
+            try:
+                for v in self.vcpus:
+                    v.engine.add_ioeventfd(addr, length, fd)
+                    done.append(v)
+            except BaseException:
+                for v in done:
+                    v.engine.remove_ioeventfd(addr, length, fd)
+                raise
+            self._ioeventfds.append((addr, length, fd))
+        return True
 
     def remove_ioeventfd(self, addr: int, length: int, fd: int) -> None:
-        pass
+        with self._ioeventfd_lock:
+            if (addr, length, fd) not in self._ioeventfds:
+                return
+            self._ioeventfds.remove((addr, length, fd))
+            for v in self.vcpus:
+                v.engine.remove_ioeventfd(addr, length, fd)
 
     def close(self) -> None:
         self.chip.close()

@@ -349,6 +349,16 @@ class Engine:
         Only on the thread that runs the engine (a callback) or while it is stopped."""
         self._lib.uc_x86_invalidate_phys(self._h, gpa, size)
 
+    def add_ioeventfd(self, gpa: int, length: int, fd: int) -> None:
+        """Guest writes of ``length`` bytes (0: any) to MMIO ``gpa`` signal eventfd
+        ``fd`` inside the engine instead of calling the MMIO handler (patch 0013).
+        Any thread; ``fd`` must stay open until removed and the vCPU stopped."""
+        self._check(self._lib.uc_x86_add_ioeventfd(self._h, gpa, length, fd), "add_ioeventfd")
+
+    def remove_ioeventfd(self, gpa: int, length: int, fd: int) -> None:
+        self._check(self._lib.uc_x86_remove_ioeventfd(self._h, gpa, length, fd),
+                    "remove_ioeventfd")
+
     def stop(self) -> None:
         """Make the current (or, if none is running, the next) ``run()`` return STOPPED."""
         self._lib.uc_x86_kick(self._h)
