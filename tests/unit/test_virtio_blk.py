@@ -707,3 +707,43 @@ def test_write_zeroes_with_unmap_where_holes_are_unsupported(
     disk.shadow[30 * 512:31 * 512] = bytes(512)
     assert request(disk, T_DISCARD, out=segments((40, 4, 0)))[:2] == (S_OK, 1)
     assert_usable(disk)
+
+
+def test_worker_pool_grows_on_demand_and_stops(tmp_path: Path) -> None:
+    """No worker before there is work; requests that wait for a free worker
+    start more, up to the limit; close() ends them all."""
+    import threading
+    import time
+
+    import pyvirt.virtio.blk as blk
+
+    image = DiskImage.open(_image(tmp_path)[0], readonly=False, direct=False)
+    dev = BlockDevice(image, workers=3)
+    assert dev._threads == []
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+
+    def slow(req: object) -> None:
+        started.release()
+        gate.wait(10)
+        with dev._idle:
+            dev._in_flight -= 1
+            dev._idle.notify_all()
+
+    dev._run_one = slow  # type: ignore[method-assign]
+    with dev._idle:
+        dev._in_flight += 5
+    for _ in range(5):
+        dev._jobs.put(object())  # type: ignore[arg-type]
+        dev._grow_pool()
+    for _ in range(3):
+        assert started.acquire(timeout=5)
+    time.sleep(0.1)
+    assert len(dev._threads) == 3  # the limit, though 2 requests still wait
+    assert not started.acquire(timeout=0.1)
+    gate.set()
+    for _ in range(2):
+        assert started.acquire(timeout=5)
+    dev.close()
+    assert all(not t.is_alive() for t in dev._threads)
+    assert blk.WORKERS >= 32
