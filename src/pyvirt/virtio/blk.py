@@ -55,6 +55,8 @@ MAX_DISCARD_SEG = 32
 #: worker idle for WORKER_IDLE_S seconds ends (as in QEMU's pool).
 WORKERS = 32
 WORKER_IDLE_S = 10.0
+#: the largest request the I/O thread runs itself (see BlockDevice.process)
+INLINE_MAX = 64 * 1024
 
 # feature bits (5.2.3)
 F_SEG_MAX = 2
@@ -259,14 +261,18 @@ class BlockDevice(VirtioDevice):
                     batch.append(req)
             if batch:
                 with self._idle:
+                    busy = self._in_flight
                     self._in_flight += len(batch)
-                # all but the last go to the workers; the last runs here, which
-                # spares a thread hand-off for the common single request
-                for req in batch[:-1]:
-                    self._jobs.put(req)
-                if len(batch) > 1:
+                # A lone small request with nothing else in flight (queue depth 1)
+                # runs here: that spares a thread hand-off. Anything else goes to
+                # the workers, so this thread is back on the ring at once and
+                # the host sees the whole queue depth.
+                if len(batch) == 1 and not busy and _payload(batch[0]) <= INLINE_MAX:
+                    self._run_one(batch[0])
+                else:
+                    for req in batch:
+                        self._jobs.put(req)
                     self._grow_pool()
-                self._run_one(batch[-1])
                 continue
             if not q.enable_notifications():
                 return
@@ -552,6 +558,10 @@ class BlockDevice(VirtioDevice):
         if why not in self._logged and len(self._logged) < 100:
             self._logged.add(why)
             log.warning("%s (%s): %s", self.name, self.image.path, why)
+
+
+def _payload(req: _Request) -> int:
+    return sum(n for _, n in req.data) if req.data else 0
 
 
 def _skip(segs: list[tuple[int, int]], nbytes: int) -> list[tuple[int, int]]:
