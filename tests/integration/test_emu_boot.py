@@ -83,6 +83,16 @@ class EmuVm:
     def text(self) -> str:
         return self.out.decode(errors="replace").replace("\r", "")
 
+    def output_then_poweroff(self, timeout: float = 60) -> str:
+        """Wait until the guest has run every line sent so far, then power it
+        off (exit status 0 required); the console text up to that point."""
+        self.send('echo "DONE-""MARK"')
+        self.wait_for(b"DONE-MARK", timeout=timeout)
+        text = self.text
+        self.send("poweroff")
+        assert self.exit_status() == 0, self.text[-3000:]
+        return text
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()

@@ -140,11 +140,7 @@ def test_pyvirt_boots_debian_from_its_virtio_disk(image: GuestImage, rootfs: Pat
         vm.send(f"echo {marker('DEB')}$(cat /etc/debian_version) "
                 f"{marker('PID1')}$(cat /proc/1/comm) {marker('FIO')}$(fio --version)")
         vm.send("grep ' / ' /proc/mounts | sed 's/^/ROOTMNT /'")
-        vm.send('echo "DONE-""MARK"')
-        vm.wait_for(b"DONE-MARK", timeout=60)
-        text = vm.text
-        vm.send("poweroff")
-        assert vm.exit_status() == 0, vm.text[-3000:]
+        text = vm.output_then_poweroff()
     finally:
         vm.close()
     assert "DEB=12." in text and "PID1=pyvirt-init" in text and "FIO=fio-3." in text, text[-2000:]
@@ -179,11 +175,7 @@ def test_fio_qd32_random_io_verifies(image: GuestImage, rootfs: Path) -> None:
                 f">/tmp/rr.log 2>&1; echo {marker('RR')}$?")
         vm.send("grep -h -E 'err=|IOPS=' /tmp/wv.log /tmp/rr.log")
         vm.send(f"echo {marker('KMSG')}$(dmesg | grep -c -E 'virtio_bl[k]|I/O erro[r]')")
-        vm.send('echo "DONE-""MARK"')
-        vm.wait_for(b"DONE-MARK", timeout=240)
-        text = vm.text
-        vm.send("poweroff")
-        assert vm.exit_status() == 0, vm.text[-3000:]
+        text = vm.output_then_poweroff(timeout=240)
     finally:
         vm.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -98,11 +98,7 @@ def test_disks_rng_and_lock(image: GuestImage, vm_factory: type[EmuVm],
     vm.send(f"echo {marker('DISCMAX')}$(cat /sys/block/vdd/queue/discard_max_bytes)"
             f" {marker('NODISC')}$(cat /sys/block/vdb/queue/discard_max_bytes)")
     vm.send(f"blkdiscard /dev/vdd; echo {marker('DISCARD')}$?")
-    vm.send('echo "DONE-""MARK"')
-    vm.wait_for(b"DONE-MARK", timeout=120)
-    text = vm.text
-    vm.send("poweroff")
-    assert vm.exit_status() == 0, vm.text[-3000:]
+    text = vm.output_then_poweroff(timeout=120)
 
     assert _field(text, "SIZE_vda") == str((32 << 20) // 512)
     assert _field(text, "SIZE_vdb") == str((4 << 20) // 512)
@@ -137,13 +133,9 @@ def test_shell_on_virtio_console(image: GuestImage, vm_factory: type[EmuVm]) -> 
     vm = vm_factory("--console", "virtio", "--no-rng")
     vm.wait_for(READY)
     vm.send(f"echo {marker('TTY')}$(tty) {marker('CONS')}$(cut -d' ' -f1 /proc/consoles)")
-    vm.send('echo "DONE-""MARK"')
-    vm.wait_for(b"DONE-MARK", timeout=60)
-    text = vm.text
+    text = vm.output_then_poweroff()
     assert _field(text, "TTY").split()[0] == "/dev/hvc0"
     assert "CONS=hvc0" in text
-    vm.send("poweroff")
-    assert vm.exit_status() == 0, vm.text[-3000:]
 
 
 def test_intx_fallback_through_prt(image: GuestImage, vm_factory: type[EmuVm],
@@ -158,11 +150,7 @@ def test_intx_fallback_through_prt(image: GuestImage, vm_factory: type[EmuVm],
             "cut -c1-64 | sed 's/^/SUM=/'")
     vm.send(f"echo {marker('RNG')}$(dd if=/dev/hwrng bs=16 count=1 2>/dev/null | "
             "od -An -tx1 | wc -w)")
-    vm.send('echo "DONE-""MARK"')
-    vm.wait_for(b"DONE-MARK", timeout=60)
-    text = vm.text
-    vm.send("poweroff")
-    assert vm.exit_status() == 0, vm.text[-3000:]
+    text = vm.output_then_poweroff()
     lines = re.findall(r"^IRQLINE\s+(\d+):\s+(\d+)\s+IO-APIC\s+\S+-fasteoi\s+(virtio\d)$",
                        text, re.M)
     assert len(lines) == 2, text[-3000:]  # virtio0 (blk) and virtio1 (rng), no MSI-X
