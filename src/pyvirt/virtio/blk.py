@@ -158,6 +158,7 @@ class _Request:
     sector: int = 0
     status_addr: int = 0
     data: list[tuple[int, int]] | None = None  # (gpa, len) of the payload
+    length: int = 0  # bytes of payload (sum of data), computed once in _parse
 
 
 class BlockDevice(VirtioDevice):
@@ -267,7 +268,7 @@ class BlockDevice(VirtioDevice):
                 # runs here: that spares a thread hand-off. Anything else goes to
                 # the workers, so this thread is back on the ring at once and
                 # the host sees the whole queue depth.
-                if len(batch) == 1 and not busy and _payload(batch[0]) <= INLINE_MAX:
+                if len(batch) == 1 and not busy and batch[0].length <= INLINE_MAX:
                     self._run_one(batch[0])
                 else:
                     for req in batch:
@@ -321,6 +322,7 @@ class BlockDevice(VirtioDevice):
                                  status_addr)
                 return None
             req.data = _skip(chain.readable, _HEADER.size)
+        req.length = sum(n for _, n in req.data)
         return req
 
     # ---- workers
@@ -388,7 +390,7 @@ class BlockDevice(VirtioDevice):
 
     def _execute(self, req: _Request) -> tuple[int, int]:
         assert req.data is not None
-        length = sum(n for _, n in req.data)
+        length = req.length
         img = self.image
         if req.type in (T_IN, T_OUT):
             if length % SECTOR:
@@ -558,10 +560,6 @@ class BlockDevice(VirtioDevice):
         if why not in self._logged and len(self._logged) < 100:
             self._logged.add(why)
             log.warning("%s (%s): %s", self.name, self.image.path, why)
-
-
-def _payload(req: _Request) -> int:
-    return sum(n for _, n in req.data) if req.data else 0
 
 
 def _skip(segs: list[tuple[int, int]], nbytes: int) -> list[tuple[int, int]]:
