@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import logging
+import tracemalloc
+
 import pytest
 
-from pyvirt.devices.bus import Bus, BusOverlapError
+from pyvirt.devices.bus import Bus, BusOverlapError, UnclaimedLog
 
 
 class Recorder:
@@ -37,6 +40,57 @@ def test_unclaimed_reads_float_high_and_are_counted() -> None:
     bus.write(0x1234, memoryview(b"\x00"))
     assert buf == b"\xff\xff"
     assert bus.unclaimed[("read", 0x1234)] == 1 and bus.unclaimed[("write", 0x1234)] == 1
+    bus.read(0x1234, memoryview(buf))
+    assert bus.unclaimed[("read", 0x1234)] == 2
+
+
+def test_unclaimed_state_is_bounded_whatever_the_guest_touches() -> None:
+    """A guest sweeping distinct unclaimed addresses (dd over /dev/mem) must not
+    grow the VMM: issue #17 saw 2.5 GB from one Counter entry per address."""
+    bus = Bus("mmio")
+    buf = memoryview(bytearray(4))
+    for addr in range(0xD000_0000, 0xD000_0000 + 4096 * 4, 4):  # warm up to the cap
+        bus.read(addr, buf)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for addr in range(0xD100_0000, 0xD100_0000 + 200_000 * 4, 4):
+            bus.read(addr, buf)
+            bus.write(addr, buf)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 << 10, f"unclaimed accesses grew the bus by {grown} bytes"
+    assert len(bus.unclaimed) == UnclaimedLog.MAX_ADDRESSES
+    assert bus.unclaimed.totals == {"read": 204_096, "write": 200_000}
+    assert bus.unclaimed.untracked == 204_096 + 200_000 - UnclaimedLog.MAX_ADDRESSES
+    # the first addresses stay tracked (the useful ones: a driver probing)
+    assert bus.unclaimed[("read", 0xD000_0000)] == 1
+    assert bus.unclaimed[("read", 0xD100_0000)] == 0
+
+
+def test_unclaimed_logging_is_first_per_address_then_rate_limited(
+        caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    log = UnclaimedLog("pio", max_addresses=2, summary_interval=10.0, clock=lambda: now[0])
+    caplog.set_level(logging.DEBUG, logger="pyvirt.devices.bus")
+    log.note("read", 0x80)
+    log.note("read", 0x80)
+    log.note("write", 0x80)
+    assert [r.getMessage() for r in caplog.records] == [
+        "unclaimed pio read at 0x80", "unclaimed pio write at 0x80"]
+    caplog.clear()
+    for port in range(0x100, 0x200):
+        log.note("read", port)
+    assert len(caplog.records) == 1  # one summary, not one line per port
+    assert caplog.records[0].getMessage().startswith("1 more unclaimed pio accesses")
+    caplog.clear()
+    now[0] += 10.0
+    log.note("write", 0x300)
+    assert [r.getMessage() for r in caplog.records] == [
+        "256 more unclaimed pio accesses at addresses beyond the first 2 "
+        "(258 reads, 2 writes in all)"]
+    assert len(log) == 2 and log.untracked == 257
 
 
 def test_overlaps_are_refused() -> None:

@@ -1,11 +1,20 @@
 """The software CPU backend's pure pieces: CPUID model, MSR routing, MMIO holes,
-segment conversion, the host TSC. No guest is booted here."""
+segment conversion, the host TSC; and the backend's memory map, DMA queue and
+guest-physical address width proven with short machine-code snippets on a real
+EmulatedVm. No Linux guest is booted here."""
 
 from __future__ import annotations
 
+import dataclasses
 import platform
+import shutil
+import struct
+import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,12 +154,16 @@ def test_msr_router(lapic: LocalApic) -> None:
 
 def test_mmio_holes_small_ram() -> None:
     holes = backend.mmio_holes([(0, 512 << 20)])
-    assert holes == [(512 << 20, 0xFEE0_0000), (0xFEE0_1000, 1 << 32)]
+    assert holes == [(512 << 20, 0xFEE0_0000), (0xFEE0_1000, 1 << 40)]
+    assert backend.mmio_holes([(0, 512 << 20)], limit=1 << 32) == [
+        (512 << 20, 0xFEE0_0000), (0xFEE0_1000, 1 << 32)]
 
 
 def test_mmio_holes_split_ram() -> None:
     holes = backend.mmio_holes([(0, 0xC000_0000), (1 << 32, 1 << 30)])
-    assert holes == [(0xC000_0000, 0xFEE0_0000), (0xFEE0_1000, 1 << 32)]
+    # everything above RAM (the 64-bit PCI window included) up to the CPU's width
+    assert holes == [(0xC000_0000, 0xFEE0_0000), (0xFEE0_1000, 1 << 32),
+                     (5 << 30, 1 << backend.PHYS_ADDR_BITS)]
 
 
 def test_segment_flags_match_engine_constants() -> None:
@@ -218,3 +231,274 @@ def test_tsc_hz_is_plausible(tmp_path: object) -> None:
     measured = tsc_hz(Path("/nonexistent"))
     assert 200_000_000 < measured < 10_000_000_000
     assert measured % 1000 == 0
+
+
+# -- the guest-physical address space on a real EmulatedVm ----------------------------
+
+needs_as = pytest.mark.skipif(shutil.which("as") is None or shutil.which("objcopy") is None,
+                              reason="needs GNU as/objcopy to assemble snippets")
+
+STOP_PORT = 0x501  # an OUT here kicks the vCPU: the snippet is done
+RESULTS = 0x20_0000  # snippets store what they read here
+CODE = 0x30_0000
+PF_HANDLER = 0x31_0000
+SNIPPET_IDT = 0x32_0000
+HIGH_PD = 0x10_0000  # page directory for virtual 4-5 GiB: 2 MiB pages anywhere physical
+HIGH_VIRT = 4 << 30
+
+
+def asm(src: str) -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d)
+        (p / "a.s").write_text(".intel_syntax noprefix\n.code64\n" + src + "\n")
+        subprocess.run(["as", "--64", "-o", str(p / "a.o"), str(p / "a.s")], check=True)
+        subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(p / "a.o"),
+                        str(p / "a.bin")], check=True)
+        return (p / "a.bin").read_bytes()
+
+
+class _Stop:
+    def __init__(self) -> None:
+        self.vcpu: Any = None
+
+    def read(self, offset: int, data: memoryview) -> None:
+        pass
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self.vcpu.kick()
+
+
+class Recorder:
+    def __init__(self, fill: int) -> None:
+        self.fill = fill
+        self.log: list[tuple[str, int, bytes]] = []
+
+    def read(self, offset: int, data: memoryview) -> None:
+        data[:] = self.fill.to_bytes(8, "little")[:len(data)]
+        self.log.append(("r", offset, bytes(data)))
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self.log.append(("w", offset, bytes(data)))
+
+
+def run_snippet(code: str, high_pages: list[int], mmio: Any = None,
+                pf_handler: bool = False) -> tuple[Any, bytes]:
+    """Run ``code`` at CPL 0 with virtual HIGH_VIRT + i * 2 MiB mapped to
+    physical ``high_pages[i]`` on a 16 MiB EmulatedVm; it ends with an OUT to
+    STOP_PORT. Returns the exit and 64 bytes from RESULTS."""
+    from pyvirt.arch.x86_64.boot import setup_long_mode_memory
+    from pyvirt.arch.x86_64.cpu_state import DescriptorTable
+    from pyvirt.arch.x86_64.layout import PDPT_ADDR, ZERO_PAGE_ADDR
+    from pyvirt.devices.bus import Bus
+    from pyvirt.memory import GuestMemory
+
+    mem = GuestMemory.create(16 << 20)
+    vm = None
+    try:
+        setup_long_mode_memory(mem)
+        mem.write(PDPT_ADDR + 4 * 8, struct.pack("<Q", HIGH_PD | 3))
+        mem.write(HIGH_PD, b"".join(struct.pack("<Q", pa | 0x83) for pa in high_pages))
+        # the kick takes effect at the next translation block: spin until then
+        mem.write(CODE, asm(code + f"\nmov dx, {STOP_PORT:#x}\nout dx, al\n1: jmp 1b\n"))
+        state = boot_cpu_state(CODE, ZERO_PAGE_ADDR)
+        if pf_handler:  # #PF: store the error code and CR2, then stop
+            mem.write(PF_HANDLER, asm(f"""
+                pop rax
+                mov [{RESULTS + 56:#x}], rax
+                mov rax, cr2
+                mov [{RESULTS + 48:#x}], rax
+                mov dx, {STOP_PORT:#x}
+                out dx, al
+                1: jmp 1b
+            """))
+            gate = struct.pack("<HHBBHII", PF_HANDLER & 0xFFFF, 0x10, 0, 0x8E,
+                               PF_HANDLER >> 16, 0, 0)
+            mem.write(SNIPPET_IDT + 14 * 16, gate)
+            state = dataclasses.replace(state, idt=DescriptorTable(SNIPPET_IDT, 256 * 16 - 1))
+        stop = _Stop()
+        pio = Bus("pio")
+        pio.insert(stop, STOP_PORT, 1, "stop")
+        vm = backend.EmulatedHypervisor().create_vm(mem, pio, mmio or Bus("mmio"), num_cpus=1)
+        stop.vcpu = vcpu = vm.create_vcpu(0)
+        vcpu.set_boot_state(state)
+        exit_ = vcpu.run()
+        return exit_, bytes(mem.view(RESULTS, 64))
+    finally:
+        if vm is not None:
+            vm.close()
+        mem.close()
+
+
+@needs_as
+def test_unmapped_guest_physical_reads_all_ones_and_drops_writes() -> None:
+    """Issue #17: a read of 0x1_0000_0000 in a small guest stopped the engine
+    (UC_ERR_READ_UNMAPPED) and ended the VM."""
+    from pyvirt.devices.bus import Bus
+    from pyvirt.hypervisor.base import ExitKind
+
+    top = (1 << backend.PHYS_ADDR_BITS) - (2 << 20)  # the last 2 MiB below the width
+    mmio = Bus("mmio")
+    exit_, res = run_snippet(f"""
+        mov rax, {HIGH_VIRT:#x}
+        mov dword ptr [rax], 0x12345678
+        mov ecx, [rax]
+        mov [{RESULTS:#x}], rcx
+        mov rax, {HIGH_VIRT + (2 << 20) + 8:#x}
+        mov qword ptr [rax], -2
+        mov rcx, [rax]
+        mov [{RESULTS + 8:#x}], rcx
+        mov rax, {HIGH_VIRT + (4 << 20) + (2 << 20) - 8:#x}
+        mov rcx, [rax]
+        mov [{RESULTS + 16:#x}], rcx
+        mov byte ptr [rax], 0
+        mov cl, [rax]
+        mov [{RESULTS + 24:#x}], cl
+    """, [1 << 32, 48 << 30, top], mmio=mmio)
+    assert exit_.kind is ExitKind.KICKED, exit_
+    assert struct.unpack_from("<QQQB", res) == (
+        0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF, 0xFF)
+    # through the bus, so they are counted
+    assert mmio.unclaimed[("write", 1 << 32)] == 1 and mmio.unclaimed[("read", 1 << 32)] == 1
+    # the engine splits a qword MMIO read in two dword reads; then the byte read
+    assert mmio.unclaimed[("read", top + (2 << 20) - 8)] == 2
+    assert mmio.unclaimed[("write", top + (2 << 20) - 8)] == 1
+
+
+@needs_as
+def test_a_device_anywhere_in_the_address_space_is_reached() -> None:
+    """64-bit BARs go where the guest puts them: the engine maps all of it to the bus."""
+    from pyvirt.devices.bus import Bus
+    from pyvirt.hypervisor.base import ExitKind
+
+    mmio = Bus("mmio")
+    low, high = Recorder(0x1122334455667788), Recorder(0xA5A5A5A5A5A5A5A5)
+    mmio.insert(low, 0x8_0000_1000, 0x1000, "in-window")  # the 64-bit PCI window
+    mmio.insert(high, 0xF0_0000_0000, 0x1000, "far")  # far above it
+    exit_, res = run_snippet(f"""
+        mov rax, {HIGH_VIRT + 0x1000:#x}
+        mov ecx, [rax + 8]
+        mov [{RESULTS:#x}], rcx
+        mov word ptr [rax + 4], 0xbeef
+        mov rax, {HIGH_VIRT + (2 << 20):#x}
+        mov ecx, [rax + 0x10]
+        mov [{RESULTS + 8:#x}], rcx
+    """, [0x8_0000_0000, 0xF0_0000_0000], mmio=mmio)
+    assert exit_.kind is ExitKind.KICKED, exit_
+    assert struct.unpack_from("<QQ", res) == (0x55667788, 0xA5A5A5A5)
+    assert low.log == [("r", 8, (0x55667788).to_bytes(4, "little")),
+                       ("w", 4, b"\xef\xbe")]
+    assert high.log == [("r", 0x10, b"\xa5" * 4)]
+    assert not mmio.unclaimed
+
+
+@needs_as
+def test_physical_address_width_is_what_cpuid_says_and_the_page_walk_enforces() -> None:
+    """No address at or above 2**PHYS_ADDR_BITS can reach the engine: CPUID tells
+    the guest the width, and a PTE pointing above it faults (#PF, RSVD) in the
+    guest instead of stopping the engine."""
+    from pyvirt.hypervisor.base import ExitKind
+
+    beyond = 1 << backend.PHYS_ADDR_BITS
+    exit_, res = run_snippet(f"""
+        mov eax, 0x80000008
+        cpuid
+        mov [{RESULTS:#x}], rax
+        mov rax, {HIGH_VIRT + (2 << 20) + 0x40:#x}
+        mov rcx, [rax]
+        mov qword ptr [{RESULTS + 8:#x}], 1
+    """, [1 << 32, beyond], pf_handler=True)
+    assert exit_.kind is ExitKind.KICKED, exit_
+    phys_bits, = struct.unpack_from("<Q", res)
+    assert phys_bits & 0xFF == backend.PHYS_ADDR_BITS
+    _, reached, cr2, error = struct.unpack_from("<QQ", res) + struct.unpack_from("<QQ", res, 48)
+    assert reached == 0  # the load faulted
+    assert cr2 == HIGH_VIRT + (2 << 20) + 0x40
+    assert error & 0b1001 == 0b1001  # present, reserved bit set
+
+
+def test_dma_invalidation_queue_is_bounded() -> None:
+    """A guest that keeps devices busy with interrupts off queues DMA ranges
+    that only an interrupt or a stop drains: the queue must stay bounded and
+    still cover every byte written (split at RAM region boundaries)."""
+    from pyvirt.devices.bus import Bus
+    from pyvirt.hypervisor.emulated import engine
+    from pyvirt.memory import GuestMemory
+
+    if not engine.available():
+        pytest.fail("unicorn lacks pyvirt's patches: run third_party/unicorn/build.sh")
+    mem = GuestMemory.create(16 << 20)
+    vm = backend.EmulatedHypervisor().create_vm(mem, Bus("pio"), Bus("mmio"), num_cpus=1)
+    try:
+        done: list[tuple[int, int]] = []
+
+        class FakeEngine:
+            def invalidate_phys(self, gpa: int, size: int) -> None:
+                done.append((gpa, size))
+
+        vm.vcpus.append(type("FakeVcpu", (), {"engine": FakeEngine(), "close": lambda s: None})())
+        written = [((i * 7919) % 4000 * 4096, 512) for i in range(100_000)]
+        for gpa, size in written:
+            vm.note_dma_write(gpa, size)
+            assert len(vm._dma_ranges) <= backend.MAX_DMA_RANGES
+        vm.note_dma_write(0, 8)
+        vm.apply_dma_invalidations()
+        assert not vm._dma_ranges
+        covered = sorted(done)
+        for gpa, size in [*written[::997], (0, 8)]:
+            assert any(a <= gpa and gpa + size <= a + n for a, n in covered), hex(gpa)
+    finally:
+        vm.vcpus.clear()
+        vm.close()
+        mem.close()
+
+
+def test_dma_invalidation_is_split_at_ram_regions() -> None:
+    from pyvirt.devices.bus import Bus
+    from pyvirt.memory import GuestMemory
+
+    # 3.5 GiB of RAM is reserved, not touched: split at the PCI hole
+    mem = GuestMemory.create(0xE000_0000)
+    vm = backend.EmulatedHypervisor().create_vm(mem, Bus("pio"), Bus("mmio"), num_cpus=1)
+    try:
+        done: list[tuple[int, int]] = []
+        eng = type("FakeEngine", (), {"invalidate_phys": lambda s, a, n: done.append((a, n))})()
+        vm.vcpus.append(type("FakeVcpu", (), {"engine": eng, "close": lambda s: None})())
+        vm.invalidate_code(0xBFFF_F000, (4 << 30) + 0x2000 - 0xBFFF_F000)
+        assert done == [(0xBFFF_F000, 0x1000), (1 << 32, 0x2000)]
+    finally:
+        vm.vcpus.clear()
+        vm.close()
+        mem.close()
+
+
+def test_acknowledge_never_spins_on_an_interrupt_the_chip_does_not_hand_out() -> None:
+    """A chip that says "pending" but yields no vector at acknowledge (a
+    guest-made inconsistency) must not get INTR raised again: that livelocked
+    the vCPU thread in acknowledges without running the guest."""
+    from pyvirt.hypervisor.emulated.backend import EmulatedVcpu
+
+    raised: list[int] = []
+
+    class Chip:
+        def __init__(self, vector: int | None) -> None:
+            self.vector = vector
+
+        def interrupt_for_cpu(self, i: int) -> int | None:
+            return self.vector
+
+        def has_interrupt(self, i: int) -> bool:
+            return True
+
+    class Eng:
+        def raise_irq(self) -> None:
+            raised.append(1)
+
+    class Vm:
+        _dma_ranges: list[object] = []
+
+    ack = EmulatedVcpu._make_ack(Chip(None), Eng(), 0, Vm())  # type: ignore[arg-type]
+    assert ack() == -1
+    assert raised == []
+    ack = EmulatedVcpu._make_ack(Chip(0x30), Eng(), 0, Vm())  # type: ignore[arg-type]
+    assert ack() == 0x30
+    assert raised == [1]  # a real delivery with more pending re-raises INTR

@@ -4,23 +4,26 @@ A device sees offsets, never placement: it implements ``read(offset, data)``
 and ``write(offset, data)`` where ``data`` is a memoryview of the access
 width (1, 2, 4 or 8 bytes). For a read the device fills ``data``; bytes it
 leaves alone read as 0xff (what an unclaimed ISA read returns). The bus owns
-where devices live. An access nobody claims is counted and logged at debug
-level, never fatal.
+where devices live. An access nobody claims is never fatal; it is counted
+for diagnostics in bounded state (``UnclaimedLog``): a guest that sweeps the
+address space must not grow the VMM.
 
-Thread model: a bus is built before the vCPUs start and is read-only after
-that, so lookups take no lock. Devices lock their own state.
+Thread model: lookups take no lock (they read one copy-on-write snapshot);
+``insert``/``remove`` (a BAR move, on a vCPU thread) publish a new one.
+Devices lock their own state.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from bisect import bisect_right
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Bus", "BusDevice", "BusOverlapError", "put_byte"]
+__all__ = ["Bus", "BusDevice", "BusOverlapError", "UnclaimedLog", "put_byte"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,69 @@ class BusOverlapError(ValueError):
     pass
 
 
+class UnclaimedLog:
+    """Accesses nobody claimed: totals per operation plus the first few addresses.
+
+    The guest picks the addresses, so nothing here grows with how many distinct
+    ones it touches: per-address counts are kept only for the first
+    ``max_addresses`` (read or write, address) pairs, each logged at debug level
+    once; accesses elsewhere are only totalled, with a debug summary at most
+    every ``summary_interval`` seconds. The first addresses are the useful ones
+    (a driver probing a device we lack); a sweep after that adds nothing.
+    """
+
+    MAX_ADDRESSES = 256
+    SUMMARY_INTERVAL = 10.0
+
+    def __init__(self, kind: str, *, max_addresses: int = MAX_ADDRESSES,
+                 summary_interval: float = SUMMARY_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.kind = kind
+        self.max_addresses = max_addresses
+        self.summary_interval = summary_interval
+        self._clock = clock
+        self._lock = threading.Lock()  # vCPU threads may miss at the same time
+        self.totals: dict[str, int] = {"read": 0, "write": 0}
+        #: per-address counts, for the first ``max_addresses`` (op, address) pairs only
+        self.addresses: dict[tuple[str, int], int] = {}
+        #: accesses at (op, address) pairs that did not fit in ``addresses``
+        self.untracked = 0
+        self._summary_at = 0.0
+        self._summarized = 0
+
+    def note(self, op: str, addr: int) -> None:
+        key = (op, addr)
+        with self._lock:
+            self.totals[op] += 1
+            n = self.addresses.get(key)
+            if n is not None:
+                self.addresses[key] = n + 1
+                return
+            if len(self.addresses) < self.max_addresses:
+                self.addresses[key] = 1
+                log.debug("unclaimed %s %s at %#x", self.kind, op, addr)
+                return
+            self.untracked += 1
+            now = self._clock()
+            if now < self._summary_at:
+                return
+            self._summary_at = now + self.summary_interval
+            new, self._summarized = self.untracked - self._summarized, self.untracked
+        log.debug("%d more unclaimed %s accesses at addresses beyond the first %d "
+                  "(%d reads, %d writes in all)", new, self.kind, self.max_addresses,
+                  self.totals["read"], self.totals["write"])
+
+    def __getitem__(self, key: tuple[str, int]) -> int:
+        """Accesses at (op, address) if it is among the tracked ones, else 0."""
+        return self.addresses.get(key, 0)
+
+    def __bool__(self) -> bool:
+        return bool(self.totals["read"] or self.totals["write"])
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+
 @dataclass(frozen=True)
 class _Range:
     base: int
@@ -63,8 +129,8 @@ class Bus:
         self._bases: list[int] = []
         self._snapshot: tuple[list[int], list[_Range]] = ([], [])
         self._write_lock = threading.Lock()
-        #: unclaimed accesses by (read/write, address): for diagnostics
-        self.unclaimed: Counter[tuple[str, int]] = Counter()
+        #: unclaimed accesses, for diagnostics (bounded whatever the guest does)
+        self.unclaimed = UnclaimedLog(kind)
 
     def insert(self, device: BusDevice, base: int, length: int, name: str = "") -> None:
         if length <= 0:
@@ -115,19 +181,13 @@ class Bus:
         found = self.lookup(addr)
         if found is None:
             data[:] = b"\xff" * len(data)
-            self._unclaimed("read", addr)
+            self.unclaimed.note("read", addr)
             return
         found[0].read(found[1], data)
 
     def write(self, addr: int, data: memoryview) -> None:
         found = self.lookup(addr)
         if found is None:
-            self._unclaimed("write", addr)
+            self.unclaimed.note("write", addr)
             return
         found[0].write(found[1], data)
-
-    def _unclaimed(self, op: str, addr: int) -> None:
-        key = (op, addr)
-        self.unclaimed[key] += 1
-        if self.unclaimed[key] == 1:
-            log.debug("unclaimed %s %s at %#x", self.kind, op, addr)

@@ -250,12 +250,16 @@ class KvmVcpu:
         if state.msrs:
             self.fd.set_msrs(state.msrs)
 
-    def _pio_handler(self, port: int) -> tuple[PioFn, PioFn, int]:
-        """(read, write, offset) for ``port``; the bus is fixed once vCPUs run."""
+    def _pio_handler(self, port: int) -> tuple[PioFn, PioFn, int] | None:
+        """(read, write, offset) of the device at ``port``, None if nobody claims it.
+
+        Only claimed ports are cached (the pio bus is fixed once vCPUs run), so
+        the cache is bounded by what devices cover, not by how many ports the
+        guest probes; an unclaimed access goes to the bus each time.
+        """
         found = self.vm.pio.lookup(port)
         if found is None:
-            bus = self.vm.pio
-            return (lambda _o, d: bus.read(port, d)), (lambda _o, d: bus.write(port, d)), 0
+            return None
         dev, offset = found
         return dev.read, dev.write, offset
 
@@ -295,7 +299,14 @@ class KvmVcpu:
                         data = views[off << 4 | size] = run_buf[off : off + size]
                     h = handlers.get(port)
                     if h is None:
-                        h = handlers[port] = self._pio_handler(port)
+                        h = self._pio_handler(port)
+                        if h is None:  # unclaimed: counted by the bus, not cached
+                            if direction:
+                                self.vm.pio.write(port, data)
+                            else:
+                                self.vm.pio.read(port, data)
+                            continue
+                        handlers[port] = h
                     if direction:  # KVM_EXIT_IO_OUT
                         h[1](h[2], data)
                     else:

@@ -17,10 +17,16 @@ MMIO reach the VMM's buses from the engine's hooks on the vCPU thread.
 
 Wiring:
   * guest RAM: every ``GuestMemory`` region is mapped zero-copy into the engine.
-  * the rest of guest-physical 0-4 GiB is MMIO dispatching to the mmio ``Bus``
-    (unclaimed reads are all-ones, as on a PC), except the vCPU's LAPIC page
-    (0xFEE00000), which goes to ``chip.lapic(i)``. Without this an access to a
-    hole would stop the engine (unicorn's UC_ERR_READ_UNMAPPED).
+  * the rest of the guest-physical address space, up to the CPU's physical
+    address width (``PHYS_ADDR_BITS``, what CPUID 0x80000008 reports), is MMIO
+    dispatching to the mmio ``Bus``: devices (PCI BARs wherever the guest puts
+    them) answer, every other address reads all-ones and drops writes, as on a
+    PC. The vCPU's LAPIC page (0xFEE00000) goes to ``chip.lapic(i)``. Without
+    this an access to a hole would stop the engine (unicorn's
+    UC_ERR_READ_UNMAPPED) and with it the VM. The CPU cannot produce a higher
+    address: its page walk treats PTE bits at and above PHYS_ADDR_BITS as
+    reserved (#PF with the RSVD bit set, the guest's to handle), and Linux
+    refuses such a /dev/mem mapping itself.
   * interrupts: the chip's ``notify`` only raises the engine's INTR pin
     (thread-safe); the engine's acknowledge callback asks the chip for the
     vector and re-raises the pin while more are deliverable.
@@ -55,7 +61,7 @@ import unicorn
 
 from pyvirt.arch.x86_64.cpu_state import CpuState
 from pyvirt.arch.x86_64.cpu_state import Segment as CpuSegment
-from pyvirt.arch.x86_64.layout import LAPIC_ADDR, pci_mmio64_window
+from pyvirt.arch.x86_64.layout import LAPIC_ADDR
 from pyvirt.devices.bus import Bus, BusDevice
 from pyvirt.devices.irq import IrqLine
 from pyvirt.hypervisor.base import ExitKind, HypervisorError, VcpuExit
@@ -79,6 +85,7 @@ from pyvirt.memory import GuestMemory
 
 __all__ = [
     "ENGINE_DESCRIPTION",
+    "PHYS_ADDR_BITS",
     "EmulatedHypervisor",
     "EmulatedVcpu",
     "EmulatedVm",
@@ -89,7 +96,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PHYS_4G = 1 << 32
+#: The engine's physical address width: QEMU's TCG_PHYS_ADDR_BITS, what its
+#: CPUID 0x80000008 EAX[7:0] tells the guest and the bound its page walk
+#: enforces (tests/unit/test_emu_backend.py checks both on the engine).
+PHYS_ADDR_BITS = 40
+PHYS_LIMIT = 1 << PHYS_ADDR_BITS
+#: Pending DMA invalidations (one per buffer segment: a busy disk queues
+#: thousands between two interrupts). Past this many the queue is coalesced,
+#: and collapsed to one covering span if that is not enough, so a guest that
+#: keeps devices busy with interrupts off cannot grow it: dropping more
+#: translated code than was overwritten is only slower, never wrong.
+MAX_DMA_RANGES = 8192
 
 
 def _patch_series() -> str:
@@ -110,8 +127,10 @@ ENGINE_DESCRIPTION = (f"unicorn {getattr(unicorn, '__version__', '?')} (QEMU TCG
 
 
 def mmio_holes(ram: list[tuple[int, int]], *, lapic: int = LAPIC_ADDR,
-               lapic_size: int = LAPIC_MMIO_SIZE, limit: int = PHYS_4G) -> list[tuple[int, int]]:
-    """[start, end) ranges below ``limit`` covered neither by RAM nor by the LAPIC page."""
+               lapic_size: int = LAPIC_MMIO_SIZE,
+               limit: int = PHYS_LIMIT) -> list[tuple[int, int]]:
+    """[start, end) ranges below ``limit`` covered neither by RAM nor by the LAPIC page:
+    together with those, the whole guest-physical address space."""
     taken = sorted([(a, a + n) for a, n in ram] + [(lapic, lapic + lapic_size)])
     holes: list[tuple[int, int]] = []
     cur = 0
@@ -235,6 +254,26 @@ class _PortIo:
             found[0].write(found[1], data)
 
 
+def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping and touching (gpa, size) ranges merged; one covering span
+    when more than half of ``MAX_DMA_RANGES`` remain."""
+    merged: list[tuple[int, int]] = []
+    cur_start, cur_end = -1, -1
+    for a, n in sorted(ranges):
+        if a <= cur_end:
+            cur_end = max(cur_end, a + n)
+            continue
+        if cur_end > cur_start:
+            merged.append((cur_start, cur_end - cur_start))
+        cur_start, cur_end = a, a + n
+    if cur_end > cur_start:
+        merged.append((cur_start, cur_end - cur_start))
+    if len(merged) > MAX_DMA_RANGES // 2:
+        start = merged[0][0]
+        merged = [(start, max(a + n for a, n in merged) - start)]
+    return merged
+
+
 class EmulatedHypervisor:
     name = "emu"
     description = ENGINE_DESCRIPTION
@@ -328,8 +367,13 @@ class EmulatedVm:
     def invalidate_code(self, gpa: int, size: int) -> None:
         """Drop translated code for [gpa, gpa+size) now (on the vCPU thread, or
         while no vCPU runs)."""
-        for v in self.vcpus:
-            v.engine.invalidate_phys(gpa, size)
+        end = gpa + size
+        for r in self.memory.regions:
+            # the engine stops at the end of the RAM region ``gpa`` is in
+            lo, hi = max(gpa, r.guest_addr), min(end, r.guest_addr + r.size)
+            if lo < hi:
+                for v in self.vcpus:
+                    v.engine.invalidate_phys(lo, hi - lo)
 
     def note_dma_write(self, gpa: int, size: int) -> None:
         """The host wrote guest RAM (device DMA): translated code there is stale.
@@ -341,6 +385,8 @@ class EmulatedVm:
         off could run stale code from such a page until then."""
         with self._dma_lock:
             self._dma_ranges.append((gpa, size))
+            if len(self._dma_ranges) >= MAX_DMA_RANGES:
+                self._dma_ranges = _coalesce(self._dma_ranges)
 
     def apply_dma_invalidations(self) -> None:
         if not self._dma_ranges:
@@ -404,8 +450,9 @@ class EmulatedVcpu:
             eng.map_ram(region.guest_addr, region.size, region.host_addr)
         lapic = chip.lapic(i)
         ram = [(r.guest_addr, r.size) for r in vm.memory.regions]
-        high = pci_mmio64_window(vm.memory.end)
-        for start, end in [*mmio_holes(ram), (high[0], high[0] + high[1])]:
+        # everything else goes to the bus (the 64-bit PCI window included):
+        # one region above RAM up to the physical address width
+        for start, end in mmio_holes(ram):
             w = _BusWindow(start, bus=vm.mmio)
             eng.map_mmio(start, end - start, w.read, w.write)
         lw = _BusWindow(LAPIC_ADDR, device=lapic)
@@ -428,11 +475,17 @@ class EmulatedVcpu:
             if vm._dma_ranges:  # on this (the vCPU) thread, before the guest looks
                 vm.apply_dma_invalidations()
             # the engine lowered INTR before calling us; raise it again while
-            # another interrupt is deliverable (e.g. a higher-priority class)
+            # another interrupt is deliverable (e.g. a higher-priority class).
+            # Only after a delivery: if the chip claims an interrupt it then
+            # does not hand out (a guest-made state, e.g. LINT0 ExtINT with an
+            # odd polarity), re-raising would acknowledge forever without
+            # running the guest. A later interrupt raises INTR through notify.
             v = interrupt_for_cpu(i)
+            if v is None:
+                return -1
             if has_interrupt(i):
                 raise_irq()
-            return -1 if v is None else v
+            return v
 
         return ack
 
@@ -503,7 +556,7 @@ class EmulatedVcpu:
         what = str(err) if err is not None else "unknown engine error"
         hint = ""
         if err is not None and "UNMAPPED" in str(err).upper():
-            hint = " (guest-physical address outside RAM and the 4 GiB MMIO window)"
+            hint = " (guest-physical address beyond the CPU's physical address width)"
         return f"software CPU stopped: {what}{where}{hint}"
 
     def kick(self) -> None:
