@@ -43,20 +43,21 @@ class _PioTimer:
 def pyvirt_pio_seconds(guest: Path) -> float:
     from pyvirt.hypervisor import select_backend
     from pyvirt.vmm.config import ConsoleSpec, VmConfig
-    from pyvirt.vmm.console import Console
     from pyvirt.vmm.machine import Outcome, build_machine
+    from pyvirt.vmm.resources import VmResources
 
     cfg = VmConfig(kernel=guest, memory=128 << 20, cmdline="test=pio", accel="kvm",
                    console=ConsoleSpec("none"))
     hv, _ = select_backend("kvm")
-    m = build_machine(cfg, hv, Console(cfg.console))
-    timer = _PioTimer()
-    m.pio.remove(0x80)
-    m.pio.insert(timer, 0x80, 1, "pio-timer")
-    try:
-        result = m.run()
-    finally:
-        m.close()
+    with VmResources.open(cfg) as res:
+        m = build_machine(cfg, hv, res)
+        timer = _PioTimer()
+        m.pio.remove(0x80)
+        m.pio.insert(timer, 0x80, 1, "pio-timer")
+        try:
+            result = m.run()
+        finally:
+            m.close()
     if result.outcome is not Outcome.POWEROFF or timer.count != PIO_WRITES:
         raise RuntimeError(f"pio guest: {result} after {timer.count} writes")
     return timer.t1 - timer.t0

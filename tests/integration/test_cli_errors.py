@@ -81,3 +81,91 @@ def test_bad_cmdline(test_guest: Path) -> None:
 def test_more_cpus_than_the_software_cpu_runs(test_guest: Path) -> None:
     one_line_error(run_pyvirt("run", "--kernel", str(test_guest), "--accel", "emu",
                               "--cpus", "2", "--memory", "64M"), "software CPU runs 1 vCPU")
+
+
+# ---- files that are not what they should be, and nothing written before all is checked
+
+
+@pytest.mark.parametrize("where", ["kernel", "initrd", "disk-ro", "disk-rw", "console"])
+def test_fifo_is_refused_without_hanging(kernel_file: Path, tmp_path: Path, where: str) -> None:
+    """open() of a FIFO waits for a writer for ever (and SIGTERM could not stop it)."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    args = {"kernel": ["--kernel", str(fifo)],
+            "initrd": ["--kernel", str(kernel_file), "--initrd", str(fifo)],
+            "disk-ro": ["--kernel", str(kernel_file), "--disk", f"path={fifo},readonly=on"],
+            "disk-rw": ["--kernel", str(kernel_file), "--disk", f"path={fifo}"],
+            "console": ["--kernel", str(kernel_file), "--console", f"file:{fifo}"]}[where]
+    one_line_error(run_pyvirt("run", "--accel", "emu", *args, timeout=60), str(fifo),
+                   "FIFO" if where.startswith(("disk", "console")) else "not a regular file")
+
+
+def test_console_file_is_a_directory(kernel_file: Path, tmp_path: Path) -> None:
+    one_line_error(run_pyvirt("run", "--kernel", str(kernel_file), "--console",
+                              f"file:{tmp_path}"), "is a directory")
+
+
+def test_console_file_that_cannot_be_written(test_guest: Path) -> None:
+    """Even root cannot write a read-only sysfs attribute (though access() says it
+    may): found only when pyvirt opens it, just before the guest runs; one line."""
+    target = "/sys/kernel/uevent_seqnum"
+    one_line_error(run_pyvirt("run", "--accel", "emu", "--kernel", str(test_guest),
+                              "--memory", "64M", "--console", f"file:{target}"),
+                   target, "ermission denied")
+
+
+@pytest.mark.parametrize("later", ["not-a-kernel", "disk-in-use"])
+def test_console_file_untouched_when_a_later_check_fails(kernel_file: Path, test_guest: Path,
+                                                         tmp_path: Path, later: str) -> None:
+    import fcntl
+    import os
+    import struct
+
+    keep = tmp_path / "keep.txt"
+    keep.write_text("precious")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        if later == "not-a-kernel":
+            args = ["--kernel", str(kernel_file)]
+            needle = "not a Linux kernel"
+        else:  # this test process holds the image, as another VM would
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+            args = ["--kernel", str(test_guest), "--disk", f"path={disk}"]
+            needle = f"in use by process {os.getpid()}"
+        one_line_error(run_pyvirt("run", "--accel", "emu", "--memory", "64M",
+                                  "--console", f"file:{keep}", *args), needle)
+    finally:
+        os.close(fd)
+    assert keep.read_text() == "precious"
+
+
+def test_same_disk_under_two_names(kernel_file: Path, tmp_path: Path) -> None:
+    import os
+
+    a = tmp_path / "a.img"
+    a.write_bytes(bytes(4096))
+    os.link(a, tmp_path / "b.img")
+    one_line_error(run_pyvirt("run", "--kernel", str(kernel_file), "--disk", f"path={a}",
+                              "--disk", f"path={tmp_path}/b.img,readonly=on"),
+                   "b.img: the same image as --disk")
+
+
+def test_line_breaks_in_user_input_stay_one_line(kernel_file: Path, tmp_path: Path) -> None:
+    """An error quoting user text with a newline or escape sequence in it is
+    still one line, with the control characters shown escaped."""
+    r = run_pyvirt("run", "--kernel", str(kernel_file),
+                   "--disk", f"path={tmp_path}/no\nsuch\x1b[2Jdisk")
+    one_line_error(r, "no such file", "\\n", "\\x1b")
+
+
+def test_nul_in_a_path_is_refused_with_one_line() -> None:
+    from pyvirt.vmm.config import ConfigError, parse_console, parse_disk
+
+    with pytest.raises(ConfigError, match="NUL byte"):
+        parse_disk("path=/tmp/a\0b")
+    with pytest.raises(ConfigError, match="NUL byte"):
+        parse_console("file:/tmp/a\0b")

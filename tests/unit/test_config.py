@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pyvirt.hypervisor import HostVirt, HypervisorError, choose
-from pyvirt.vmm.config import ConfigError, VmConfig, parse_console, parse_size
+from pyvirt.vmm.config import ConfigError, VmConfig, parse_console, parse_disk, parse_size
 from pyvirt.vmm.console import Console
 
 
@@ -48,6 +48,44 @@ def test_console_specs(tmp_path: Path) -> None:
     for bad in ("file:", "tty", f"file:{tmp_path}/nodir/log"):
         with pytest.raises(ConfigError, match="--console"):
             parse_console(bad)
+
+
+def test_console_file_checks_create_nothing(tmp_path: Path) -> None:
+    import os
+
+    with pytest.raises(ConfigError, match=r"^--console file:\S+: \S+ is a directory, not a"):
+        parse_console(f"file:{tmp_path}")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="is a named pipe"):
+        parse_console(f"file:{fifo}")
+    keep = tmp_path / "keep.txt"
+    keep.write_text("precious")
+    assert parse_console(f"file:{keep}").path == keep
+    parse_console(f"file:{tmp_path}/new.log")
+    assert keep.read_text() == "precious" and not (tmp_path / "new.log").exists()
+
+
+def test_disk_given_twice_under_two_names(tmp_path: Path) -> None:
+    import os
+
+    k = tmp_path / "k"
+    k.write_bytes(b"x")
+    a = tmp_path / "a.img"
+    a.write_bytes(bytes(4096))
+    os.link(a, tmp_path / "b.img")
+    with pytest.raises(ConfigError, match=r"b\.img: the same image as --disk .*a\.img"):
+        VmConfig(kernel=k, disks=(parse_disk(str(a)), parse_disk(f"path={tmp_path}/b.img")))
+
+
+def test_disk_that_is_not_a_file(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ConfigError, match=r"is a named pipe \(FIFO\), not a regular file or block"):
+        parse_disk(f"path={tmp_path}/fifo,readonly=on")
+    with pytest.raises(ConfigError, match="is a directory"):
+        parse_disk(str(tmp_path))
 
 
 def test_console_escape_sequences() -> None:

@@ -540,3 +540,31 @@ def test_direct_elf_zstd(mem: GuestMemory, tmp_path: Path) -> None:
     payload = zstandard.ZstdCompressor(level=19).compress(elf) + struct.pack("<I", len(elf))
     k = load_kernel(mem, write(tmp_path, "bz", make_bzimage(payload)))
     assert (k.kind, k.entry) == ("elf", 0x100_0000)
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "xz", "bzip2", "zstd"])
+def test_decompression_bomb_is_refused_without_being_inflated(fmt: str) -> None:
+    """A small payload that inflates past the bound fails with one LoaderError;
+    exactly the bound still decompresses."""
+    limit = 1 << 20
+
+    def pack(n: int) -> bytes:
+        data = b"\0" * n
+        if fmt == "gzip":
+            return gzip.compress(data)
+        if fmt == "xz":
+            return lzma.compress(data, format=lzma.FORMAT_XZ)
+        if fmt == "bzip2":
+            return bz2.compress(data)
+        import zstandard
+
+        return bytes(zstandard.ZstdCompressor().compress(data))
+
+    ok = bzmod.decompress_payload(pack(limit), Path("k"), limit)
+    assert ok is not None and len(ok) == limit
+    with pytest.raises(LoaderError, match="decompresses to more than 1 MiB"):
+        bzmod.decompress_payload(pack(limit + 1), Path("k"), limit)
+    bomb = pack(64 * limit)  # 64 MiB of zeros in a few KiB
+    assert len(bomb) < 256 * 1024
+    with pytest.raises(LoaderError, match="more than"):
+        bzmod.decompress_payload(bomb, Path("k"), limit)

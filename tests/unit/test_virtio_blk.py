@@ -5,8 +5,11 @@ hostile requests (each fails alone), and a property test against a model."""
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +87,7 @@ def disk(tmp_path: Path) -> Iterator[Disk]:
     d = _open(tmp_path)
     yield d
     d.drv.close()
+    d.blk.image.close()  # the device never closes its image: the VM's resources do
 
 
 @pytest.fixture
@@ -91,6 +95,7 @@ def ro_disk(tmp_path: Path) -> Iterator[Disk]:
     d = _open(tmp_path, readonly=True)
     yield d
     d.drv.close()
+    d.blk.image.close()
 
 
 def header(rtype: int, sector: int = 0) -> bytes:
@@ -173,22 +178,70 @@ def test_readonly_disk(ro_disk: Disk) -> None:
     assert_usable(d)
 
 
+def _try_lock_in_child(path: Path, readonly: bool = True) -> subprocess.CompletedProcess[str]:
+    """Open ``path`` as a disk in another process (a second VM): exit 3 and the
+    message when refused, 0 when it got the image. In a child with a time limit
+    also so that an open() that blocks fails the test instead of hanging it."""
+    code = ("import sys; from pathlib import Path; from pyvirt.virtio.blk import "
+            "DiskImage, DiskError\ntry:\n DiskImage.open(Path(sys.argv[1]), "
+            "readonly=sys.argv[2] == 'ro', direct=False)\nexcept DiskError as e:\n print(e); "
+            "sys.exit(3)\n")
+    return subprocess.run([sys.executable, "-c", code, str(path), "ro" if readonly else "rw"],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
 def test_image_locking(tmp_path: Path) -> None:
     path, _ = _image(tmp_path)
-    img = DiskImage.open(path, readonly=False, direct=False)
-    try:
-        # a second opener in this process would share the lock: ask a child process
-        import subprocess
-        import sys
-        code = ("import sys; from pathlib import Path; from pyvirt.virtio.blk import "
-                "DiskImage, DiskError\ntry:\n DiskImage.open(Path(sys.argv[1]), readonly=True,"
-                " direct=False)\nexcept DiskError as e:\n print(e); sys.exit(3)\n")
-        proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
-                              text=True, timeout=60, check=False)
+    with DiskImage.open(path, readonly=False, direct=False):
+        proc = _try_lock_in_child(path)
         assert proc.returncode == 3, proc.stdout + proc.stderr
-        assert "in use" in proc.stdout
+        # the holder is found although an OFD lock does not say its pid
+        assert f"in use by process {os.getpid()}" in proc.stdout
+    assert _try_lock_in_child(path, readonly=False).returncode == 0  # closed: free again
+
+
+def test_lock_survives_another_close_of_the_file_in_the_process(tmp_path: Path) -> None:
+    """The loader reading the same file as an initrd (open, read, close) must not
+    drop the disk's lock, as it would a POSIX record lock."""
+    path, _ = _image(tmp_path)
+    image = DiskImage.open(path, readonly=False, direct=False)
+    try:
+        path.read_bytes()  # another open file description of it, closed again
+        proc = _try_lock_in_child(path)
+        assert proc.returncode == 3, proc.stdout + proc.stderr
+        assert "in use by process" in proc.stdout
     finally:
-        img.close()
+        image.close()
+
+
+def test_same_file_under_two_names_is_refused(tmp_path: Path) -> None:
+    path, _ = _image(tmp_path)
+    link = tmp_path / "link.img"
+    os.link(path, link)
+    with DiskImage.open(path, readonly=True, direct=False) as first, pytest.raises(
+            DiskError, match=r"disks\[1\]\.path: .*link\.img is the same file as disks\[0\]"):
+        DiskImage.open(link, readonly=True, direct=False, what="disks[1].path",
+                       others={first.identity: f"disks[0].path ({path})"})
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "directory", "chardev"])
+def test_not_a_file_is_refused_without_blocking(tmp_path: Path, kind: str) -> None:
+    """A FIFO would block open() for ever."""
+    import socket
+
+    p = tmp_path / "thing"
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(p))
+    elif kind == "directory":
+        p.mkdir()
+    else:
+        p = Path("/dev/null")
+    proc = _try_lock_in_child(p)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(f"disk: {p} is a") and "not a regular file" in proc.stdout
 
 
 def test_image_too_small(tmp_path: Path) -> None:
@@ -196,7 +249,7 @@ def test_image_too_small(tmp_path: Path) -> None:
     p.write_bytes(b"\0" * 100)
     with pytest.raises(DiskError):
         DiskImage.open(p, readonly=True, direct=False)
-    with pytest.raises(DiskError):
+    with pytest.raises(DiskError, match="no such file"):
         DiskImage.open(tmp_path / "missing.img", readonly=True, direct=False)
 
 
@@ -271,8 +324,8 @@ def test_get_id(disk: Disk) -> None:
 
 def test_get_id_short_serial(tmp_path: Path) -> None:
     path, _ = _image(tmp_path)
-    with VirtioPciDriver(BlockDevice(DiskImage.open(path, readonly=True, direct=False),
-                                     serial="abc", workers=1)) as drv:
+    with DiskImage.open(path, readonly=True, direct=False) as image, \
+            VirtioPciDriver(BlockDevice(image, serial="abc", workers=1)) as drv:
         (q,) = drv.init()
         used, (data, status) = q.submit([header(T_GET_ID)], [ID_BYTES, 1])
         assert (used, status) == (ID_BYTES + 1, bytes([S_OK]))
@@ -682,8 +735,8 @@ def test_model_agrees_with_known_cases() -> None:
 def test_version_1_only_driver(tmp_path: Path) -> None:
     """A driver that takes no optional feature still reads and writes."""
     path, data = _image(tmp_path)
-    with VirtioPciDriver(BlockDevice(DiskImage.open(path, readonly=False, direct=False),
-                                     workers=2)) as drv:
+    with DiskImage.open(path, readonly=False, direct=False) as image, \
+            VirtioPciDriver(BlockDevice(image, workers=2)) as drv:
         (q,) = drv.init(1 << F_VERSION_1)
         used, (got, status) = q.submit([header(T_IN, 1)], [512, 1])
         assert (used, status, got) == (513, bytes([S_OK]), bytes(data[512:1024]))
@@ -745,5 +798,37 @@ def test_worker_pool_grows_on_demand_and_stops(tmp_path: Path) -> None:
     for _ in range(2):
         assert started.acquire(timeout=5)
     dev.close()
+    image.close()
     assert all(not t.is_alive() for t in dev._threads)
     assert blk.WORKERS >= 32
+
+
+def test_in_flight_requests_bounded_by_the_ring(disk: Disk) -> None:
+    """A driver that re-posts heads the device still holds (legal for no driver)
+    must not grow the requests in flight past the ring size: the I/O thread
+    waits for room instead of queueing work without bound."""
+    drv, q, blk = disk.drv, disk.q, disk.blk
+    gate = threading.Event()
+    real_execute = blk._execute
+
+    def slow(req: object) -> tuple[int, int]:
+        gate.wait(10)
+        return real_execute(req)  # type: ignore[arg-type]
+
+    blk._execute = slow  # type: ignore[method-assign]
+    st_addr, buf = drv.put(b"\xff"), drv.alloc(512)
+    head = q.add([(drv.put(header(T_IN, 1)), 16)], [(buf, 512), (st_addr, 1)], publish=False)
+    try:
+        for _ in range(q.size):
+            q.publish(head)
+        q.kick()
+        wait_for(lambda: blk._in_flight >= q.size, 5, "a ring's worth in flight")
+        for _ in range(q.size):  # the device took them all, so the ring has room again
+            q.publish(head)
+        q.kick()
+        threading.Event().wait(0.5)
+        assert blk._in_flight <= q.size
+    finally:
+        gate.set()
+    wait_for(lambda: blk._in_flight == 0 and q.pending_used() == 2 * q.size, 10,
+             "every request completed")

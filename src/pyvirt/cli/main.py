@@ -16,7 +16,7 @@ import click
 
 from pyvirt.errors import PyvirtError
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "main", "one_line"]
 
 
 class _Size(click.ParamType[int]):
@@ -65,16 +65,22 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="A virtio-rng device fed by the host's getrandom.")
 @click.option("--on-reboot", type=click.Choice(["restart", "exit"]), default="restart",
               show_default=True, help="What a guest reboot does.")
+@click.option("--sandbox", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True,
+              help="Confine the running VMM (no_new_privs, Landlock, no capabilities, seccomp): "
+                   "auto applies what the host supports, on fails if a part cannot be.")
 @click.option("--verbose", "-v", is_flag=True, help="Say which accelerator is used and why.")
 @click.pass_context
 def run(ctx: click.Context, kernel: Path | None, initrd: Path | None, cmdline: str, cpus: int,
         memory: int, accel: str, console_spec: str, disks: tuple[str, ...], rng: bool,
-        on_reboot: str, verbose: bool) -> None:
+        on_reboot: str, sandbox: str, verbose: bool) -> None:
     """Boot a VM in the foreground (the default guest when no --kernel is given).
 
     The serial console is on this terminal: Ctrl-A x quits. Commands piped
     into stdin run in the guest's shell. Exit status: 0 on guest power-off
-    (or reboot with --on-reboot exit), 1 if the guest crashed, 2 on bad input.
+    (or reboot with --on-reboot exit, or a stop by SIGINT/SIGTERM/SIGHUP/SIGQUIT
+    while it runs), 1 if the guest crashed, 2 on bad input, 128 + N when
+    signal N stops pyvirt before the guest first ran.
     """
     from pyvirt.vmm.config import VmConfig, parse_console, parse_disk
     from pyvirt.vmm.runner import run_vm
@@ -93,7 +99,8 @@ def run(ctx: click.Context, kernel: Path | None, initrd: Path | None, cmdline: s
                        accel=accel,  # type: ignore[arg-type]
                        console=parse_console(console_spec),
                        on_reboot=on_reboot,  # type: ignore[arg-type]
-                       verbose=verbose, disks=tuple(parse_disk(d) for d in disks), rng=rng)
+                       verbose=verbose, disks=tuple(parse_disk(d) for d in disks), rng=rng,
+                       sandbox=sandbox)  # type: ignore[arg-type]
         return run_vm(cfg)
 
     sys.exit(_guarded(ctx, go))
@@ -140,6 +147,14 @@ def guest_build(ctx: click.Context, force: bool, rootfs: bool, size: int | None)
     sys.exit(_guarded(ctx, go))
 
 
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped: an error quotes user input
+    (paths, specs) and must stay one line on the terminal whatever it holds."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def _guarded(ctx: click.Context, fn: Callable[[], int]) -> int:
     """Run ``fn``; turn pyvirt errors into one line on stderr and an exit status."""
     try:
@@ -147,7 +162,7 @@ def _guarded(ctx: click.Context, fn: Callable[[], int]) -> int:
     except PyvirtError as exc:
         if ctx.obj and ctx.obj.get("debug"):
             raise
-        click.echo(f"pyvirt: error: {exc}", err=True)
+        click.echo(f"pyvirt: error: {one_line(str(exc))}", err=True)
         return exc.exit_status
     except KeyboardInterrupt:
         return 130

@@ -164,42 +164,59 @@ def _zstd_module() -> Any:
     return None
 
 
-def decompress_payload(payload: bytes | memoryview, path: Path) -> bytes | None:
+#: the most a payload may decompress to. A real vmlinux is tens of MiB (Debian's:
+#: 63 MiB); without a bound a small compressed "kernel" (a decompression bomb)
+#: could take gigabytes of host memory before anything else is checked.
+MAX_VMLINUX_BYTES = 512 << 20
+
+
+def decompress_payload(payload: bytes | memoryview, path: Path,
+                       limit: int = MAX_VMLINUX_BYTES) -> bytes | None:
     """Decompress a bzImage payload on the host; None if its format is not supported here.
 
     The kernel appends the uncompressed size (4 bytes) after most formats
     (``size_append`` in scripts/Makefile.lib), so every decoder here stops at
-    the end of the compressed stream and ignores what follows.
+    the end of the compressed stream and ignores what follows. Output beyond
+    ``limit`` bytes is refused (``LoaderError``) without being produced.
     """
     fmt = payload_format(payload)
     raw = bytes(payload)
+    out: bytes
     try:
         if fmt == "gzip":
-            return zlib.decompressobj(wbits=31).decompress(raw)
-        if fmt in ("xz", "lzma"):
+            z = zlib.decompressobj(wbits=31)
+            out = z.decompress(raw, limit + 1)
+        elif fmt in ("xz", "lzma"):
             lz_fmt = lzma.FORMAT_XZ if fmt == "xz" else lzma.FORMAT_ALONE
-            return lzma.LZMADecompressor(format=lz_fmt).decompress(raw)
-        if fmt == "bzip2":
-            return bz2.BZ2Decompressor().decompress(raw)
-        if fmt == "zstd":
+            out = lzma.LZMADecompressor(format=lz_fmt).decompress(raw, limit + 1)
+        elif fmt == "bzip2":
+            out = bz2.BZ2Decompressor().decompress(raw, limit + 1)
+        elif fmt == "zstd":
             mod = _zstd_module()
             if mod is None:
                 log.info("%s: zstd payload and no zstd module; booting via the bzImage "
                          "decompressor", path)
                 return None
             if mod.__name__ == "zstandard":
-                out: bytes = mod.ZstdDecompressor().decompressobj().decompress(raw)
+                import io
+
+                with mod.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as reader:
+                    out = reader.read(limit + 1)
             else:
-                out = mod.ZstdDecompressor().decompress(raw)
-            return out
+                out = mod.ZstdDecompressor().decompress(raw, limit + 1)
+        else:
+            log.info("%s: %s payload cannot be decompressed on the host", path, fmt)
+            return None
     except (zlib.error, lzma.LZMAError, OSError, ValueError, EOFError) as e:
         raise LoaderError(f"corrupt {fmt} kernel payload: {e}", path) from e
     except Exception as e:  # zstandard.ZstdError and friends are not OSError subclasses
         if fmt == "zstd":
             raise LoaderError(f"corrupt zstd kernel payload: {e}", path) from e
         raise
-    log.info("%s: %s payload cannot be decompressed on the host", path, fmt)
-    return None
+    if len(out) > limit:
+        raise LoaderError(f"the {fmt} kernel payload decompresses to more than "
+                          f"{limit >> 20} MiB", path)
+    return out
 
 
 def vmlinux_from_bzimage(data: bytes, header: BzImageHeader, path: Path,

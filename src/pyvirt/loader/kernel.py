@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def load_kernel(mem: GuestMemory, path: Path, *, vmlinux_cache: Path | None = None,
-                direct_elf: bool = True) -> KernelImage:
+                direct_elf: bool = True, data: bytes | None = None) -> KernelImage:
     """Load a bzImage or ELF64 vmlinux into ``mem``.
 
     With ``direct_elf`` a bzImage's payload is decompressed on the host and its
@@ -72,9 +73,11 @@ def load_kernel(mem: GuestMemory, path: Path, *, vmlinux_cache: Path | None = No
     decompressor; the bzImage's setup header is kept for the zero page. When
     the payload format cannot be decoded here, the bzImage is loaded as is.
     ``vmlinux_cache`` is a directory holding decompressed vmlinux files keyed
-    by the bzImage's sha256.
+    by the bzImage's sha256. ``data``: the file's bytes, already read (``path``
+    then only names it in messages).
     """
-    data = _read(path, "kernel")
+    if data is None:
+        data = _read(path, "kernel")
     if is_bzimage(data):
         hdr = parse_bzimage(data, path)
         if direct_elf:
@@ -142,25 +145,37 @@ def _align_up(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
 
 
-def load_initrd(mem: GuestMemory, path: Path, kernel: KernelImage) -> tuple[int, int]:
+def load_initrd(mem: GuestMemory, path: Path, kernel: KernelImage, *,
+                data: bytes | None = None) -> tuple[int, int]:
     """Copy an initrd into RAM; returns (guest address, size).
 
     boot.rst ("initrd_addr_max"): the initrd must end at or below
     initrd_addr_max; like other loaders we put it page-aligned as high as
     possible, in the low RAM region (below the PCI hole) and above the kernel.
+    ``data``: the file's bytes, already read.
     """
-    data = _read(path, "initrd")
-    size = len(data)
     low = mem.regions[0]
     limit = min(low.end, PCI_HOLE_START, kernel.initrd_addr_max + 1)
     floor = _align_up(max(kernel.end, kernel.reserved_end), PAGE)
+
+    def place(size: int) -> int:
+        addr = (limit - size) & ~(PAGE - 1)
+        if addr < floor:
+            room = max(0, limit - floor)
+            raise LoaderError(f"initrd of {size} bytes does not fit in guest RAM: only {room} "
+                              f"bytes free between the kernel's end {floor:#x} and "
+                              f"{limit:#x}", path)
+        return addr
+
+    if data is None:
+        # the size first: a huge file (a disk image by mistake) must fail here, not
+        # after filling the host's memory (found by fuzz/targets/loader_initrd.py)
+        with contextlib.suppress(OSError):
+            place(path.stat().st_size)
+        data = _read(path, "initrd")
+    size = len(data)
     if size == 0:
         raise LoaderError("initrd is empty", path)
-    addr = (limit - size) & ~(PAGE - 1)
-    if addr < floor:
-        room = max(0, limit - floor)
-        raise LoaderError(f"initrd of {size} bytes does not fit in guest RAM: only {room} "
-                          f"bytes free between the kernel's end {floor:#x} and "
-                          f"{limit:#x}", path)
+    addr = place(size)
     mem.write(addr, data)
     return addr, size

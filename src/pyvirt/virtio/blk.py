@@ -8,10 +8,13 @@ system call. ``cache=none`` opens the image with ``O_DIRECT`` (falling back to
 an aligned bounce buffer for the odd unaligned request); both modes present a
 write-back cache to the guest, whose FLUSH becomes ``fdatasync``.
 
-Images are locked with POSIX record locks: a writable disk takes an exclusive
-lock, a read-only one a shared lock, so a second VM cannot open an image that
-another one writes (or write one that another reads); the error names the
-process holding it.
+Images are locked with open-file-description locks (F_OFD_SETLK, as QEMU
+does): a writable disk takes an exclusive lock, a read-only one a shared lock,
+so a second VM cannot open an image that another one writes (or write one
+that another reads); the error names the process holding it. The lock lives
+as long as the image's fd (the VM, across guest reboots), whatever else in the
+process opens and closes the same file. Paths that would block in ``open()``
+(FIFOs) are refused, see ``pyvirt.hostfile``.
 
 Everything in a request is checked: a header shorter than 16 bytes, no room
 for the status byte, data not a whole number of sectors, a range beyond the
@@ -31,11 +34,15 @@ import queue
 import stat
 import struct
 import threading
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pyvirt.devices.guestlog import guest_faults
 from pyvirt.errors import UserInputError
+from pyvirt.hostfile import FileIdentity, identity, open_host_file
 from pyvirt.memory import GuestMemory
 from pyvirt.virtio import DEVICE_ID_BLOCK
 from pyvirt.virtio.device import Transport, VirtioDevice
@@ -85,14 +92,49 @@ class DiskError(UserInputError):
     """A disk image that cannot be used (missing, locked, unreadable)."""
 
 
-def _holder(path: Path, fd: int, lock_type: int) -> str:
-    """Who holds a lock conflicting with ``lock_type`` on ``fd`` (best effort)."""
+def _lock(fd: int, readonly: bool) -> bool:
+    """Take the image lock on ``fd``; False when a conflicting lock is held.
+
+    An open-file-description lock (F_OFD_SETLK) belongs to this open of the
+    file and lives until its last fd is closed; a POSIX record lock would die
+    with any ``close()`` of the same file anywhere in the process (e.g. the
+    loader reading it as an initrd). Record locks only where OFD locks are
+    missing (Linux < 3.15).
+    """
+    arg = _FLOCK.pack(fcntl.F_RDLCK if readonly else fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
     try:
-        res = fcntl.fcntl(fd, fcntl.F_GETLK, _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0))
-        l_type, _, _, _, pid = _FLOCK.unpack(res)
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            fcntl.fcntl(fd, fcntl.F_SETLK, arg)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _holder(fd: int, st: os.stat_result, readonly: bool) -> str:
+    """Who holds a lock conflicting with ours on ``fd`` (best effort, never blocks for long).
+
+    F_OFD_GETLK names the pid only for a record lock; an OFD lock (QEMU's,
+    another pyvirt's) reports -1, as /proc/locks does. Then look for the
+    process with an fd on the same file whose fdinfo shows a lock, for at most
+    half a second.
+    """
+    arg = _FLOCK.pack(fcntl.F_RDLCK if readonly else fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    pid = 0
+    try:
+        l_type, _, _, _, pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, arg))
+        if l_type == fcntl.F_UNLCK:
+            pid = 0
     except OSError:
-        return "another process"
-    if l_type == fcntl.F_UNLCK or pid <= 0:
+        pass
+    if pid <= 0:
+        pid = _find_lock_owner(identity(st), deadline=time.monotonic() + 0.5)
+    if pid <= 0:
         return "another process"
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
@@ -102,52 +144,98 @@ def _holder(path: Path, fd: int, lock_type: int) -> str:
     return f"process {pid}" + (f" ({cmd[:80]})" if cmd else "")
 
 
+def _find_lock_owner(ident: tuple[str, int, int], deadline: float) -> int:
+    try:
+        pids = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return 0
+    for pid in pids:
+        if time.monotonic() > deadline:
+            break
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone, or another user's
+        for n in fds:
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{n}").startswith("/"):
+                    continue  # pipes, sockets, anonymous inodes
+                if identity(os.stat(f"/proc/{pid}/fd/{n}")) != ident:
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{n}", encoding="ascii", errors="replace") as f:
+                    if any(line.startswith("lock:") for line in f):
+                        return int(pid)
+            except OSError:
+                continue
+    return 0
+
+
 @dataclass
 class DiskImage:
+    """An open, locked disk image. Whoever opens it closes it (the VM's
+    resources, not the device: the image outlives guest reboots)."""
+
     path: Path
     fd: int
     size: int  # bytes, a multiple of the sector size
     readonly: bool
     direct: bool
     block_device: bool
+    identity: FileIdentity = ("file", 0, 0)
 
     @classmethod
-    def open(cls, path: Path, *, readonly: bool, direct: bool) -> DiskImage:
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+    def open(cls, path: Path, *, readonly: bool, direct: bool, what: str = "disk",
+             others: Mapping[FileIdentity, str] | None = None) -> DiskImage:
+        """Open and lock ``path``; errors name ``what`` (e.g. ``disks[1].path``).
+
+        ``others``: the images already open for this VM, by identity, each with
+        its name; the same file again (another name, a hard link) is refused
+        before locking, where it would only conflict with ourselves.
+        """
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        fd, st = open_host_file(path, flags, what=what, allow_block=True, error=DiskError)
         try:
-            fd = os.open(path, flags | (os.O_DIRECT if direct else 0))
-        except OSError as exc:
-            if direct and exc.errno == errno.EINVAL:
-                raise DiskError(f"--disk {path}: cache=none needs O_DIRECT, which this "
-                                "file system does not support (use cache=writeback)") from None
-            raise DiskError(f"--disk {path}: {exc.strerror}") from None
-        try:
-            lock_type = fcntl.F_RDLCK if readonly else fcntl.F_WRLCK
+            ident = identity(st)
+            if others and ident in others:
+                raise DiskError(f"{what}: {path} is the same file as {others[ident]}")
+            if direct:
+                try:  # O_DIRECT set on the fd: open() itself stays non-blocking
+                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise DiskError(f"{what}: {path}: {exc.strerror}") from None
+                    raise DiskError(f"{what}: {path}: cache=none needs O_DIRECT, which this "
+                                    "file system does not support (use cache=writeback)") from None
             try:
-                fcntl.fcntl(fd, fcntl.F_SETLK, _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0))
+                locked = _lock(fd, readonly)
             except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise DiskError(f"--disk {path}: cannot lock: {exc.strerror}") from None
+                raise DiskError(f"{what}: {path}: cannot lock: {exc.strerror}") from None
+            if not locked:
                 how = "read-only" if readonly else "read-write"
-                raise DiskError(f"--disk {path}: cannot open {how}: the image is in use by "
-                                f"{_holder(path, fd, lock_type)}") from None
-            st = os.fstat(fd)
+                raise DiskError(f"{what}: {path}: cannot open {how}: the image is in use by "
+                                f"{_holder(fd, st, readonly)}")
             block = stat.S_ISBLK(st.st_mode)
             size = os.lseek(fd, 0, os.SEEK_END) if block else st.st_size
             if size < SECTOR:
-                raise DiskError(f"--disk {path}: image is smaller than one 512-byte sector")
+                raise DiskError(f"{what}: {path}: image is smaller than one 512-byte sector")
             if size % SECTOR:
                 log.warning("%s: size is not a multiple of 512; the last %d bytes are unused",
                             path, size % SECTOR)
-            return cls(path, fd, size - size % SECTOR, readonly, direct, block)
+            return cls(path, fd, size - size % SECTOR, readonly, direct, block, ident)
         except BaseException:
             os.close(fd)
             raise
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)  # closing drops the lock
+            os.close(self.fd)  # the last fd of this open file description: the lock goes
             self.fd = -1
+
+    def __enter__(self) -> DiskImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass
@@ -245,7 +333,7 @@ class BlockDevice(VirtioDevice):
         for t in threads:
             if t.is_alive():
                 t.join(5)
-        self.image.close()
+        # the image is not ours to close: it belongs to the VM and outlives this device
 
     # ---- the I/O thread: parse, then hand over to a worker
 
@@ -256,7 +344,15 @@ class BlockDevice(VirtioDevice):
             return
         while True:
             batch: list[_Request] = []
-            while (chain := q.pop()) is not None:
+            # At most a ring's worth of requests in flight: a driver cannot have
+            # more, and a hostile one re-posting busy heads must not grow the
+            # job queue (and the worker pool's backlog) without bound.
+            with self._idle:
+                room = q.size - self._in_flight
+                if room <= 0:
+                    self._idle.wait_for(lambda: self._in_flight < q.size, timeout=1.0)
+                    continue
+            while len(batch) < room and (chain := q.pop()) is not None:
                 req = self._parse(mem, q, chain)
                 if req is not None:
                     batch.append(req)
@@ -368,15 +464,14 @@ class BlockDevice(VirtioDevice):
             status, written = self._execute(req)
         except Exception as exc:  # a bug here must fail the request, not the VM
             log.exception("%s: request failed", self.name)
-            self._note(f"internal error: {exc}")
+            self._note(f"internal error: {exc}", host=True)
             status, written = S_IOERR, 0
         try:
             self._finish(req, status, written)
         finally:
             with self._idle:
                 self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._idle.notify_all()
+                self._idle.notify_all()  # quiesce() waits for 0, process() for room
 
     def _finish(self, req: _Request, status: int, written: int) -> None:
         transport, mem = self.transport, self.mem
@@ -414,14 +509,14 @@ class BlockDevice(VirtioDevice):
                 self.stats["write"] += 1
                 return S_OK, 0
             except OSError as exc:
-                self._note(f"host I/O error at byte {offset}: {exc.strerror}")
+                self._note(f"host I/O error at byte {offset}: {exc.strerror}", host=True)
                 return S_IOERR, 0
         if req.type == T_FLUSH:
             try:
                 if not img.readonly:
                     os.fdatasync(img.fd)
             except OSError as exc:
-                self._note(f"flush failed: {exc.strerror}")
+                self._note(f"flush failed: {exc.strerror}", host=True)
                 return S_IOERR, 0
             self.stats["flush"] += 1
             return S_OK, 0
@@ -457,7 +552,7 @@ class BlockDevice(VirtioDevice):
                 self._zero(start, size, punch=req.type == T_DISCARD or bool(flags & 1),
                            hint=req.type == T_DISCARD)
             except OSError as exc:
-                self._note(f"discard/write-zeroes failed: {exc.strerror}")
+                self._note(f"discard/write-zeroes failed: {exc.strerror}", host=True)
                 return S_IOERR, 0
         self.stats["other"] += 1
         return S_OK, 0
@@ -555,9 +650,15 @@ class BlockDevice(VirtioDevice):
             done += k
         return done
 
-    def _note(self, why: str) -> None:
+    def _note(self, why: str, *, host: bool = False) -> None:
+        """Count a failed request and say why: the host's own failures (I/O
+        errors, bugs) once per distinct message, up to 100; the guest's
+        mistakes within the device's budget of warnings (``guest_faults``),
+        since a hostile driver can make endless distinct ones."""
         self.errors += 1
-        if why not in self._logged and len(self._logged) < 100:
+        if not host:
+            guest_faults.warning(log, self.name, "%s (%s): %s", self.name, self.image.path, why)
+        elif why not in self._logged and len(self._logged) < 100:
             self._logged.add(why)
             log.warning("%s (%s): %s", self.name, self.image.path, why)
 

@@ -7,13 +7,16 @@ the CLI can print one line and exit 2.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from pyvirt.errors import UserInputError
+from pyvirt.hostfile import FileIdentity, describe_mode, identity
 
 __all__ = [
     "Accel",
@@ -21,6 +24,7 @@ __all__ = [
     "ConsoleSpec",
     "DiskSpec",
     "OnReboot",
+    "SandboxSetting",
     "VmConfig",
     "host_memory_bytes",
     "parse_console",
@@ -30,6 +34,8 @@ __all__ = [
 
 Accel = Literal["auto", "kvm", "emu"]
 OnReboot = Literal["restart", "exit"]
+#: pyvirt.sandbox: "auto" applies what the host supports, "on" all of it or fails
+SandboxSetting = Literal["auto", "on", "off"]
 
 MIN_MEMORY = 16 << 20  # below this Linux cannot even unpack an initramfs
 MAX_CPUS_HARD = 255  # xAPIC IDs / our MADT; KVM may allow fewer
@@ -83,11 +89,39 @@ def parse_console(text: str) -> ConsoleSpec:
         return ConsoleSpec("virtio")
     if text.startswith("file:") and len(text) > 5:
         path = Path(text[5:])
-        parent = path.parent if str(path.parent) else Path(".")
-        if not parent.is_dir():
-            raise ConfigError(f"--console {text}: directory {parent} does not exist")
+        _check_console_file(path, f"--console {text}")
         return ConsoleSpec("file", path)
     raise ConfigError(f"--console {text!r}: expected stdio, virtio, none or file:PATH")
+
+
+def _no_nul(path: Path, option: str) -> None:
+    """No file name holds a NUL byte; os.stat would raise ValueError on one
+    (argv cannot carry it, but a JSON config or the API can)."""
+    if "\0" in str(path):
+        raise ConfigError(f"{option}: the path contains a NUL byte")
+
+
+def _check_console_file(path: Path, option: str) -> None:
+    """What can be told without creating or truncating anything (that waits until
+    everything else is checked: see ``Console.open``)."""
+    _no_nul(path, option)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        parent = path.parent
+        if not parent.is_dir():
+            raise ConfigError(f"{option}: directory {parent} does not exist") from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"{option}: cannot create a file in {parent}: "
+                              "permission denied") from None
+        return
+    except OSError as exc:
+        raise ConfigError(f"{option}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{option}: {path} is {describe_mode(st.st_mode)}, "
+                          "not a regular file")
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{option}: {path}: permission denied")
 
 
 CacheMode = Literal["none", "writeback"]
@@ -134,10 +168,15 @@ def parse_disk(spec: str) -> DiskSpec:
     if not opts.get("path"):
         raise ConfigError(f"--disk {spec}: path=FILE is required")
     path = Path(opts["path"])
-    if not path.exists():
-        raise ConfigError(f"--disk {spec}: {path}: no such file")
-    if path.is_dir():
-        raise ConfigError(f"--disk {spec}: {path} is a directory")
+    _no_nul(path, f"--disk {spec}")
+    try:
+        kind = os.stat(path).st_mode
+    except OSError as exc:
+        what = "no such file" if exc.errno == errno.ENOENT else exc.strerror
+        raise ConfigError(f"--disk {spec}: {path}: {what}") from None
+    if not (stat.S_ISREG(kind) or stat.S_ISBLK(kind)):  # a FIFO would block open()
+        raise ConfigError(f"--disk {spec}: {path} is {describe_mode(kind)}, "
+                          "not a regular file or block device")
     readonly = _onoff("readonly", opts.get("readonly", "off"), spec)
     if not os.access(path, os.R_OK if readonly else os.R_OK | os.W_OK):
         raise ConfigError(f"--disk {spec}: {path}: permission denied"
@@ -154,10 +193,14 @@ def parse_disk(spec: str) -> DiskSpec:
 
 
 def _check_file(path: Path, option: str) -> None:
-    if not path.exists():
-        raise ConfigError(f"{option} {path}: no such file")
-    if not path.is_file():
-        raise ConfigError(f"{option} {path}: not a regular file")
+    _no_nul(path, option)
+    try:
+        kind = os.stat(path).st_mode
+    except OSError as exc:
+        what = "no such file" if exc.errno == errno.ENOENT else exc.strerror
+        raise ConfigError(f"{option} {path}: {what}") from None
+    if not stat.S_ISREG(kind):
+        raise ConfigError(f"{option} {path}: not a regular file ({describe_mode(kind)})")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{option} {path}: permission denied")
 
@@ -175,6 +218,7 @@ class VmConfig:
     verbose: bool = False
     disks: tuple[DiskSpec, ...] = ()
     rng: bool = True
+    sandbox: SandboxSetting = "auto"
 
     def __post_init__(self) -> None:
         _check_file(self.kernel, "--kernel")
@@ -197,12 +241,21 @@ class VmConfig:
             raise ConfigError(f"--accel {self.accel!r}: expected auto, kvm or emu")
         if len(self.disks) > 24:
             raise ConfigError(f"--disk: at most 24 disks ({len(self.disks)} given)")
-        paths = [os.path.realpath(d.path) for d in self.disks]
-        for p in paths:
-            if paths.count(p) > 1:
-                raise ConfigError(f"--disk {p}: the same image is given twice")
+        # by identity, not by name: a hard link or a second device node is the same disk
+        # (checked again on the opened fds by VmResources)
+        seen: dict[FileIdentity, Path] = {}
+        for d in self.disks:
+            try:
+                ident = identity(os.stat(d.path))
+            except OSError:
+                continue  # gone: opening it says so
+            if ident in seen:
+                raise ConfigError(f"--disk {d.path}: the same image as --disk {seen[ident]}")
+            seen[ident] = d.path
         if self.on_reboot not in ("restart", "exit"):
             raise ConfigError(f"--on-reboot {self.on_reboot!r}: expected restart or exit")
+        if self.sandbox not in ("auto", "on", "off"):
+            raise ConfigError(f"sandbox {self.sandbox!r}: expected auto, on or off")
 
 
 def _human(n: int) -> str:

@@ -12,13 +12,15 @@ into the guest's shell.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import termios
 import tty
 from typing import Any
 
-from pyvirt.vmm.config import ConsoleSpec
+from pyvirt.hostfile import open_host_file
+from pyvirt.vmm.config import ConfigError, ConsoleSpec
 
 __all__ = ["Console"]
 
@@ -40,26 +42,28 @@ class Console:
         if spec.kind in ("stdio", "virtio"):
             self.input_fd = stdin_fd
             self._out_fd = stdout_fd
-        elif spec.kind == "file":
-            assert spec.path is not None
-            self._out_fd = os.open(spec.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                                   0o644)
-            self._owns_out = True
         self.is_tty = self.input_fd is not None and os.isatty(self.input_fd)
 
     def open(self) -> None:
-        """Enter raw mode when the input is a terminal."""
+        """Create (or truncate) the output file; enter raw mode when the input is a
+        terminal. Called once everything else is checked, just before the guest
+        first runs: a run that fails before leaves the file as it was."""
+        if self.spec.kind == "file" and self._out_fd is None:
+            self._out_fd = _open_output_file(self.spec)
+            self._owns_out = True
         if self.is_tty and self.input_fd is not None and self._saved_tty is None:
             self._saved_tty = termios.tcgetattr(self.input_fd)
             tty.setraw(self.input_fd)
 
     def close(self) -> None:
         if self._saved_tty is not None and self.input_fd is not None:
-            termios.tcsetattr(self.input_fd, termios.TCSADRAIN, self._saved_tty)
-            self._saved_tty = None
+            saved, self._saved_tty = self._saved_tty, None
+            # TCSANOW: a hung-up or stopped reader must not keep us waiting for output to drain
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcsetattr(self.input_fd, termios.TCSANOW, saved)
         if self._owns_out and self._out_fd is not None:
-            os.close(self._out_fd)
-            self._out_fd = None
+            fd, self._out_fd = self._out_fd, None
+            os.close(fd)
 
     def write(self, data: bytes) -> None:
         """Guest output. Called from vCPU threads; os.write of a few bytes is atomic."""
@@ -78,8 +82,9 @@ class Console:
     def message(self, text: str) -> None:
         """A line from pyvirt itself (not the guest), on stderr."""
         end = "\r\n" if self._saved_tty is not None else "\n"
-        sys.stderr.write(f"pyvirt: {text}{end}")
-        sys.stderr.flush()
+        with contextlib.suppress(OSError):  # a hung-up terminal (SIGHUP) must not stop the exit
+            sys.stderr.write(f"pyvirt: {text}{end}")
+            sys.stderr.flush()
 
     def read_input(self) -> bytes | None:
         """Read what the user typed; None at end of input. Handles the escape on terminals."""
@@ -88,6 +93,8 @@ class Console:
             data = os.read(self.input_fd, 4096)
         except BlockingIOError:
             return b""
+        except OSError:
+            return None  # EIO: the terminal hung up (SIGHUP follows); no more input
         if not data:
             return None
         if not self.is_tty:
@@ -112,3 +119,17 @@ class Console:
             else:
                 out.append(b)
         return bytes(out)
+
+
+def _open_output_file(spec: ConsoleSpec) -> int:
+    """Open ``console.path`` for writing without blocking (a FIFO is refused, not
+    waited on) and truncate it only once it is known to be a regular file."""
+    assert spec.path is not None
+    fd, _ = open_host_file(spec.path, os.O_WRONLY | os.O_CREAT, what="console.path",
+                           error=ConfigError)
+    try:
+        os.ftruncate(fd, 0)
+    except OSError as exc:
+        os.close(fd)
+        raise ConfigError(f"console.path: {spec.path}: {exc.strerror}") from None
+    return fd

@@ -40,6 +40,7 @@ from pyvirt.vmm.console import Console
 if TYPE_CHECKING:
     from pyvirt.pci.root import PciRoot
     from pyvirt.virtio.pci import VirtioPciDevice
+    from pyvirt.vmm.resources import VmResources
 
 __all__ = ["Machine", "Outcome", "RunResult", "build_machine"]
 
@@ -68,10 +69,14 @@ def _kick_signal_handler(signum: int, frame: object) -> None:
 
 
 class Machine:
-    def __init__(self, config: VmConfig, hv: Hypervisor, console: Console) -> None:
+    """One boot of the VM. The files it uses (disks, kernel, console) belong to
+    ``resources``, which outlives it: closing a machine never closes them."""
+
+    def __init__(self, config: VmConfig, hv: Hypervisor, resources: VmResources) -> None:
         self.config = config
         self.hv = hv
-        self.console = console
+        self.resources = resources
+        self.console: Console = resources.console
         self.memory: GuestMemory | None = None
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
@@ -279,18 +284,13 @@ def attach_pci(m: Machine, vm: Vm, mem: GuestMemory) -> None:
         root.add(slot, pdev)
 
     if cfg.disks:
-        from pyvirt.virtio.blk import BlockDevice, DiskImage
+        from pyvirt.virtio.blk import BlockDevice
 
-        for i, disk in enumerate(cfg.disks):
-            image = DiskImage.open(disk.path, readonly=disk.readonly,
-                                   direct=disk.cache == "none")
-            try:
-                name = f"vd{chr(ord('a') + i)}"
-                blk = BlockDevice(image, serial=disk.serial, discard=disk.discard,
-                                  name=f"virtio-blk-{name}")
-            except BaseException:
-                image.close()
-                raise
+        # the images were opened and locked once for the VM's life (VmResources)
+        for i, (disk, image) in enumerate(zip(cfg.disks, m.resources.disks, strict=True)):
+            name = f"vd{chr(ord('a') + i)}"
+            blk = BlockDevice(image, serial=disk.serial, discard=disk.discard,
+                              name=f"virtio-blk-{name}")
             plug(blk, f"virtio-blk-{name}")
             m.devices[f"disk-{name}"] = blk
     if cfg.rng:
@@ -314,8 +314,14 @@ def attach_kernel(m: Machine, mem: GuestMemory) -> int:
     from pyvirt.loader import Cmdline, load_initrd, load_kernel, setup_linux_boot
 
     cfg = m.config
-    kernel = load_kernel(mem, cfg.kernel, vmlinux_cache=_vmlinux_cache())
-    initrd = load_initrd(mem, cfg.initrd, kernel) if cfg.initrd is not None else None
+    res = m.resources
+    assert res.kernel is not None
+    # read from the files opened at start (no path lookup, no blocking open)
+    kernel = load_kernel(mem, res.kernel.path, vmlinux_cache=_vmlinux_cache(),
+                         data=res.kernel.read(cfg.memory))
+    initrd = None
+    if res.initrd is not None:
+        initrd = load_initrd(mem, res.initrd.path, kernel, data=res.initrd.read(cfg.memory))
     extra_tables, dsdt_extra = [], []
     if m.pci is not None:
         from pyvirt.pci.acpi import build_mcfg, pci_dsdt_objects
@@ -349,9 +355,10 @@ def attach_vcpus(m: Machine, vm: Vm, entry: int) -> None:
     m.vcpus[0].set_boot_state(boot_cpu_state(entry, m.boot_params))
 
 
-def build_machine(config: VmConfig, hv: Hypervisor, console: Console,
+def build_machine(config: VmConfig, hv: Hypervisor, resources: VmResources,
                   log_step: Callable[[str], None] | None = None) -> Machine:
-    m = Machine(config, hv, console)
+    """One boot's machine over the VM's already opened ``resources``."""
+    m = Machine(config, hv, resources)
     try:
         mem = attach_memory(m)
         vm = hv.create_vm(mem, m.pio, m.mmio, num_cpus=config.cpus)

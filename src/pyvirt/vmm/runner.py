@@ -1,17 +1,27 @@
-"""``run_vm``: one VM in the foreground, across guest reboots, with its console."""
+"""``run_vm``: one VM in the foreground, across guest reboots, with its console.
+
+The VM's files (kernel, initrd, disks, console) are opened once by
+``VmResources`` and live until the VM ends; each boot builds a new ``Machine``
+over them. Stop signals are handled from the first line of ``run_vm`` to its
+last (see ``_StopSignals``).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from pyvirt.hypervisor import select_backend
 from pyvirt.vmm.config import ConfigError, VmConfig
 from pyvirt.vmm.console import Console
 from pyvirt.vmm.machine import Machine, Outcome, RunResult, build_machine
+from pyvirt.vmm.resources import VmResources
 
-__all__ = ["format_registers", "run_vm"]
+__all__ = ["STOP_SIGNALS", "SetupInterrupted", "format_registers", "run_vm"]
 
 log = logging.getLogger(__name__)
 
@@ -21,57 +31,149 @@ def format_registers(regs: dict[str, int]) -> str:
     return "\n".join("  ".join(items[i : i + 4]) for i in range(0, len(items), 4))
 
 
-def run_vm(config: VmConfig) -> int:
-    """Boot ``config`` and return the process exit status."""
+#: the signals that stop pyvirt cleanly (terminal restored, disks unlocked, status
+#: as documented): SIGHUP and SIGQUIT too, whose default actions would leave the
+#: terminal in raw mode
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+class SetupInterrupted(BaseException):
+    """A stop signal arrived before the guest first ran. A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` on the set-up path eats it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM/SIGHUP/SIGQUIT for the whole of ``run_vm``.
+
+    While a machine runs, a signal asks it to stop (the event loop winds it
+    down). While setting up (before a boot runs) the handler raises
+    ``SetupInterrupted``, which also breaks out of a blocking system call, so
+    pyvirt stops at any point of set-up. Anywhere else (tearing a machine down)
+    the signal is only noted and acted on at the next step.
+    """
+
+    def __init__(self) -> None:
+        self.first: str | None = None
+        self.machine: Machine | None = None
+        self.raising = True  # run_vm starts by setting up
+        self.guest_ran = False  # a machine has run: a stop is then a stop like any other
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        self._old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.first is None:
+            self.first = name
+        machine = self.machine
+        if machine is not None:
+            machine.request(RunResult(Outcome.STOPPED, f"terminating on {name}"))
+        elif self.raising:
+            self.raising = False  # once: a second signal must not break the clean-up
+            raise SetupInterrupted(signum)
+
+
+def run_vm(config: VmConfig, *, on_ready: Callable[[VmResources], None] | None = None) -> int:
+    """Boot ``config`` and return the process exit status.
+
+    ``on_ready`` is called once, at the one point where all set-up is done
+    (every input checked, files open, disks locked, the first machine built,
+    the console file created and the terminal raw) and the guest is about to
+    run for the first time: where a sandbox goes.
+
+    A stop signal during a run ends it with 0 (as a power-off); before the
+    guest first ran, pyvirt stops at once with 128 + the signal number, as a
+    shell reports a command killed by it.
+    """
+    with _StopSignals() as signals:
+        try:
+            return _run(config, signals, on_ready)
+        except SetupInterrupted as exc:
+            if signals.guest_ran:  # while rebuilding the machine of a rebooting guest
+                sys.stderr.write(f"pyvirt: terminating on {exc}\n")
+                return 0
+            sys.stderr.write(f"pyvirt: terminating on {exc} during set-up\n")
+            return 128 + exc.signum
+        finally:
+            signals.raising = False
+
+
+def _run(config: VmConfig, signals: _StopSignals,
+         on_ready: Callable[[VmResources], None] | None) -> int:
     hv, choice = select_backend(config.accel)
     if config.cpus > hv.max_vcpus():
         what = ("the software CPU runs" if choice.name == "emu"
                 else "this host's KVM allows at most")
         raise ConfigError(f"--cpus {config.cpus}: {what} {hv.max_vcpus()} vCPU"
                           f"{'s' if hv.max_vcpus() > 1 else ''}")
-    console = Console(config.console)
-    if config.verbose:
-        console.message(f"accelerator: {choice.name} ({choice.reason})")
-        description = getattr(hv, "description", "")
-        if description:
-            console.message(f"engine: {description}")
-    # SIGINT/SIGTERM stop the VM cleanly, also between two boots of a rebooting guest
-    stopping: list[str] = []
-    current: list[Machine] = []
+    if config.sandbox == "on":  # fail before anything is opened or written
+        from pyvirt.sandbox import require_all
 
-    def on_signal(signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
-        stopping.append(name)
-        if current:
-            current[0].request(RunResult(Outcome.STOPPED, f"terminating on {name}"))
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    console.open()
-    try:
+        require_all(config.sandbox)
+    with VmResources.open(config) as res:
+        console = res.console
+        if config.verbose:
+            console.message(f"accelerator: {choice.name} ({choice.reason})")
+            description = getattr(hv, "description", "")
+            if description:
+                console.message(f"engine: {description}")
         boots = 0
         while True:
             boots += 1
-            if stopping:
+            if signals.first is not None:
                 return _report(console, RunResult(Outcome.STOPPED,
-                                                  f"terminating on {stopping[0]}"))
-            machine = build_machine(config, hv, console)
-            current[:] = [machine]
+                                                  f"terminating on {signals.first}"))
+            signals.raising = True
+            machine = build_machine(config, hv, res)
             try:
-                if stopping:
-                    machine.request(RunResult(Outcome.STOPPED, f"terminating on {stopping[0]}"))
+                if boots == 1:
+                    res.start()
+                    _sandbox(config, choice.name, console)
+                    if on_ready is not None:
+                        on_ready(res)
+                # from here a signal asks the machine to stop instead of raising
+                signals.raising = False
+                signals.machine = machine
+                signals.guest_ran = True
+                if signals.first is not None:  # came in between: noted only
+                    machine.request(RunResult(Outcome.STOPPED,
+                                              f"terminating on {signals.first}"))
                 result = machine.run()
             finally:
-                current.clear()
+                signals.raising = False
+                signals.machine = None
                 machine.close()
             if result.outcome is Outcome.RESET and config.on_reboot == "restart":
                 if config.verbose:
                     console.message(f"guest reset: restarting (boot {boots + 1})")
                 continue
             return _report(console, result)
-    finally:
-        console.close()
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+
+
+def _sandbox(config: VmConfig, backend: str, console: Console) -> None:
+    """Confine this process (``pyvirt.sandbox``) once set-up is done, before the
+    guest first runs; with a single thread, so every later thread is confined."""
+    if config.sandbox != "off":
+        from pyvirt import sandbox
+
+        report = sandbox.apply(sandbox.policy_for_vm(config, mode=config.sandbox,
+                                                     kvm=backend == "kvm"))
+        if config.verbose:
+            console.message(report.summary())
+    if "PYVIRT_TEST_SANDBOX_PROBE" in os.environ:  # test-only: see pyvirt.sandbox.PROBE_ENV
+        from pyvirt.sandbox import probe_from_env
+
+        probe_from_env()
 
 
 def _report(console: Console, result: RunResult) -> int:

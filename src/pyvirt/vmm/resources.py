@@ -1,0 +1,127 @@
+"""What a VM holds from its start to its end, across guest reboots.
+
+``VmResources`` opens the host files a VM uses once, before the first boot,
+and closes them when the VM ends (``run_vm`` owns it; a context manager):
+
+- the kernel and initrd: opened without blocking, checked to be regular files,
+  read again from the same open file at each boot;
+- the disk images: opened and locked (``DiskImage``); a guest reboot rebuilds
+  the machine but not its disks, so the lock is never released while the VM
+  lives; the same file under two names is refused by device and inode;
+- the console: its output file is created or truncated only by ``start()``,
+  once every input has been checked.
+
+Order of opening: kernel, initrd, disks (locked), then (``start``) the
+console; a failure closes what was opened and leaves no file written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pyvirt.hostfile import FileIdentity, open_host_file
+from pyvirt.loader.errors import LoaderError
+from pyvirt.vmm.config import VmConfig
+from pyvirt.vmm.console import Console
+
+if TYPE_CHECKING:  # virtio-blk is imported only for VMs with disks
+    from pyvirt.virtio.blk import DiskImage
+
+__all__ = ["BootFile", "VmResources"]
+
+
+@dataclass
+class BootFile:
+    """The kernel or the initrd: an open regular file, read whole at each boot."""
+
+    path: Path
+    fd: int
+    what: str  # the config field: "kernel" or "initrd"
+
+    @classmethod
+    def open(cls, path: Path, what: str) -> BootFile:
+        fd, _ = open_host_file(path, os.O_RDONLY, what=what, error=LoaderError)
+        return cls(path, fd, what)
+
+    def read(self, limit: int) -> bytes:
+        """The whole file; more than ``limit`` bytes (the guest's RAM: it could not
+        be loaded) is refused before anything is read."""
+        size = os.fstat(self.fd).st_size
+        if size > limit:
+            raise LoaderError(f"{self.what} of {size} bytes is larger than the guest's RAM",
+                              self.path)
+        chunks = []
+        offset = 0
+        while offset < size:
+            chunk = os.pread(self.fd, min(size - offset, 1 << 24), offset)
+            if not chunk:
+                break  # truncated meanwhile: the loader judges what is there
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class VmResources:
+    config: VmConfig
+    console: Console
+    kernel: BootFile | None = None
+    initrd: BootFile | None = None
+    disks: list[DiskImage] = field(default_factory=list)
+    started: bool = False
+
+    @classmethod
+    def open(cls, config: VmConfig, *, console: Console | None = None) -> VmResources:
+        """Open everything ``config`` names (see the module docstring); raises a
+        ``UserInputError`` naming the config field (``disks[1].path``) on bad input."""
+        res = cls(config, console if console is not None else Console(config.console))
+        try:
+            res.kernel = BootFile.open(config.kernel, "kernel")
+            if config.initrd is not None:
+                res.initrd = BootFile.open(config.initrd, "initrd")
+            if config.disks:
+                from pyvirt.virtio.blk import DiskImage
+
+                taken: dict[FileIdentity, str] = {}
+                for i, spec in enumerate(config.disks):
+                    what = f"disks[{i}].path"
+                    image = DiskImage.open(spec.path, readonly=spec.readonly,
+                                           direct=spec.cache == "none", what=what,
+                                           others=taken)
+                    res.disks.append(image)
+                    taken[image.identity] = f"{what} ({spec.path})"
+        except BaseException:
+            res.close()
+            raise
+        return res
+
+    def start(self) -> None:
+        """All set-up is done and checked: create the console's output file and
+        take the terminal. Once, just before the guest first runs."""
+        if not self.started:
+            self.console.open()
+            self.started = True
+
+    def close(self) -> None:
+        """Give everything back (idempotent): the terminal first, then the files."""
+        self.console.close()
+        for image in self.disks:
+            image.close()
+        self.disks.clear()
+        for f in (self.kernel, self.initrd):
+            if f is not None:
+                f.close()
+
+    def __enter__(self) -> VmResources:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
