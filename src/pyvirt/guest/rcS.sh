@@ -12,8 +12,9 @@ mounted /dev/pts || mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/p
 mounted /tmp || mount -t tmpfs -o mode=1777 tmpfs /tmp
 /etc/init.d/load-modules
 # With console=hvc0 the console driver is one of those modules, so init handed us a
-# dead /dev/console: reopen it now that it leads somewhere.
-if (: >/dev/console) 2>/dev/null; then exec </dev/console >/dev/console 2>&1; fi
+# dead /dev/console. Do not reopen it here: the first open of hvc0 starts pulling the
+# host's input into the tty, and our exit would close it (the last holder) and drop
+# that input. The shell's cttyhack is the first to open it.
 hostname pyvirt
-# The ready line comes from /etc/profile, once the shell holds the console open: on
-# hvc0 nothing else does in between, and input typed before then would be dropped.
+# The ready line comes from /etc/profile, once the shell holds the console open (on
+# hvc0 nothing opens it before: input sent earlier waits in the device until then).

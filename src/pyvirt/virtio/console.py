@@ -1,10 +1,25 @@
 """virtio-console (virtio 1.2, 5.3): one port, the guest's ``hvc0``.
 
 Queue 0 (receiveq) carries input to the guest, queue 1 (transmitq) its
-output. Input from the user is buffered here (up to ``INPUT_LIMIT`` bytes;
-``enqueue_input`` says how much it took, like the serial port) and handed to
-the I/O thread through an eventfd, which copies it into whatever receive
-buffers the driver has posted.
+output; with ``VIRTIO_CONSOLE_F_MULTIPORT`` queues 2 and 3 are the control
+receiveq/transmitq (5.3.2). Input from the user is buffered here (up to
+``INPUT_LIMIT`` bytes; ``enqueue_input`` says how much it took, like the
+serial port) and handed to the I/O thread through an eventfd, which copies it
+into whatever receive buffers the driver has posted.
+
+When input may go out: only once the driver says port 0 is open. Linux's
+driver (drivers/char/virtio_console.c, v6.1) posts its receive buffers in
+``add_port()`` before the port is on its list, and ``in_intr()`` frees the
+buffers of a queue whose port it cannot find (``flush_bufs``): input sent as
+soon as buffers appear was dropped whole. We therefore offer MULTIPORT, as
+QEMU's virtio-serial does, and run its control handshake (5.3.6.2): the
+driver's DEVICE_READY is answered with PORT_ADD for port 0, its PORT_READY
+with CONSOLE_PORT and PORT_OPEN; its own PORT_OPEN, sent by
+``init_port_console()`` once the port is listed and its hvc exists, releases
+the input. Replies go on the control receiveq *before* the driver's control
+message is completed, because the driver busy-waits for that completion and
+then reads the replies in the same pass. A driver that does not negotiate
+MULTIPORT gets input as soon as it posts buffers (it has no way to say more).
 """
 
 from __future__ import annotations
@@ -14,6 +29,7 @@ import logging
 import os
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable
 
 from pyvirt.virtio import DEVICE_ID_CONSOLE
@@ -26,26 +42,43 @@ from pyvirt.virtio.device import (
 )
 from pyvirt.virtio.queue import Chain, SplitQueue
 
-__all__ = ["ConsoleDevice"]
+__all__ = ["F_MULTIPORT", "INPUT_LIMIT", "ConsoleDevice"]
 
 log = logging.getLogger(__name__)
 
 INPUT_LIMIT = 64 << 10
-RX, TX = 0, 1
+RX, TX, CTRL_RX, CTRL_TX = 0, 1, 2, 3
+
+F_MULTIPORT = 1  # VIRTIO_CONSOLE_F_MULTIPORT
+
+# struct virtio_console_control (5.3.6.2): le32 id, le16 event, le16 value
+_CONTROL = struct.Struct("<IHH")
+DEVICE_READY, DEVICE_ADD, DEVICE_REMOVE, PORT_READY, CONSOLE_PORT, RESIZE, PORT_OPEN, \
+    PORT_NAME = range(8)
+#: replies waiting for control receive buffers; each answers one driver message, so a
+#: driver that sends messages but posts no buffers could grow it without this bound
+_CONTROL_BACKLOG = 32
 
 
 class ConsoleDevice(VirtioDevice):
     device_id = DEVICE_ID_CONSOLE
     name = "virtio-console"
     pci_class = 0x078000  # communication controller, other
+    features = 1 << F_MULTIPORT
 
     def __init__(self, write: Callable[[bytes], None]) -> None:
-        super().__init__([64, 64])
+        super().__init__([64, 64, 32, 32])
         self._write = write
         self._input = bytearray()
         self._lock = threading.Lock()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._rx: SplitQueue | None = None
+        self._ctrl_rx: SplitQueue | None = None
+        # I/O thread only (and reset, with that thread stopped):
+        self._multiport = False
+        self._port_open = False  # the driver opened port 0: input may go out
+        self._replies: deque[bytes] = deque()
+        self._backlog_full = False
 
     def config_space(self) -> bytes:
         return struct.pack("<HHII", 0, 0, 1, 0)  # cols, rows, max_nr_ports, emerg_wr
@@ -62,6 +95,9 @@ class ConsoleDevice(VirtioDevice):
     def activate(self, transport: object, queues: object, driver_features: int) -> None:
         super().activate(transport, queues, driver_features)  # type: ignore[arg-type]
         self._rx = queues[RX]  # type: ignore[index]
+        self._multiport = bool(driver_features >> F_MULTIPORT & 1)
+        self._ctrl_rx = queues[CTRL_RX] if self._multiport else None  # type: ignore[index]
+        self._port_open = not self._multiport
 
     def extra_fds(self) -> list[tuple[int, Callable[[], None]]]:
         return [(self._wake, self._on_wake)]
@@ -75,8 +111,16 @@ class ConsoleDevice(VirtioDevice):
     def process(self, q: SplitQueue) -> None:
         if q.index == RX:
             self._fill_rx(q)
-        else:
+        elif q.index == TX:
             self._drain_tx(q)
+        elif not self._multiport:
+            return  # control queues exist only with MULTIPORT
+        elif q.index == CTRL_RX:
+            self._send_replies()
+        elif q.index == CTRL_TX:
+            transport = self.transport
+            if transport is not None:
+                serve_queue(transport, q, self.name, lambda chain: self._control(transport, chain))
 
     def _drain_tx(self, q: SplitQueue) -> None:
         transport = self.transport
@@ -89,10 +133,78 @@ class ConsoleDevice(VirtioDevice):
             self._write(data)
         return 0
 
+    # -- the control queues (MULTIPORT) ----------------------------------------
+
+    def _control(self, transport: Transport, chain: Chain) -> int:
+        """One message from the driver (control transmitq); replies are sent before
+        the chain completes (see the module docstring)."""
+        raw = copy_from_chain(transport.memory, chain, limit=_CONTROL.size)
+        if len(raw) < _CONTROL.size:
+            log.debug("%s: short control message (%d bytes)", self.name, len(raw))
+            return 0
+        port, event, value = _CONTROL.unpack(raw)
+        if event == DEVICE_READY:
+            if value:
+                self._reply(0, DEVICE_ADD, 1)
+        elif port != 0:
+            log.debug("%s: control event %d for port %d, which does not exist",
+                      self.name, event, port)
+        elif event == PORT_READY:
+            if value:  # the driver added port 0: it is the console, and we are connected
+                self._reply(0, CONSOLE_PORT, 1)
+                self._reply(0, PORT_OPEN, 1)
+        elif event == PORT_OPEN:
+            self._port_open = bool(value)
+            if self._port_open and self._rx is not None and self._rx.ready:
+                self._fill_rx(self._rx)
+        self._send_replies()
+        return 0
+
+    def _reply(self, port: int, event: int, value: int) -> None:
+        if len(self._replies) >= _CONTROL_BACKLOG:
+            if not self._backlog_full:  # once per episode: the guest controls the rate
+                log.warning("%s: driver posts no control buffers; control events dropped",
+                            self.name)
+                self._backlog_full = True
+            return
+        self._replies.append(_CONTROL.pack(port, event, value))
+
+    def _send_replies(self) -> None:
+        q, transport = self._ctrl_rx, self.transport
+        if q is None or transport is None or not q.ready:
+            return
+        done: list[tuple[int, int]] = []
+        while self._replies:
+            chain = q.pop()
+            if chain is None:
+                if q.enable_notifications():
+                    continue
+                break
+            if chain.error is not None:
+                log.warning("%s: bad descriptor chain: %s", self.name, chain.error)
+                done.append((chain.head, 0))
+                continue
+            msg = self._replies[0]
+            if chain.writable_len < len(msg):
+                log.warning("%s: control buffer of %d bytes is too small", self.name,
+                            chain.writable_len)
+                done.append((chain.head, 0))
+                continue
+            self._replies.popleft()
+            self._backlog_full = False
+            n = copy_to_chain(transport.memory, chain, msg)
+            for addr, length in chain.writable:
+                transport.note_dma_write(addr, length)
+            done.append((chain.head, n))
+        if done:
+            transport.complete(q, done)
+
+    # -- input -----------------------------------------------------------------
+
     def _fill_rx(self, q: SplitQueue) -> None:
         transport = self.transport
-        if transport is None:
-            return
+        if transport is None or not self._port_open:
+            return  # held until the driver opens the port (see the module docstring)
         done: list[tuple[int, int]] = []
         while True:
             with self._lock:
@@ -118,7 +230,10 @@ class ConsoleDevice(VirtioDevice):
 
     def reset(self) -> None:
         super().reset()
-        self._rx = None
+        self._rx = self._ctrl_rx = None
+        self._multiport = self._port_open = False
+        self._backlog_full = False
+        self._replies.clear()  # input stays: it was typed for whatever driver comes next
 
     def close(self) -> None:
         if self._wake >= 0:

@@ -19,6 +19,20 @@ not lost: ``enqueue_input`` returns how many bytes it took so the console can
 back-pressure. Overrun (LSR.OE) only happens where the datasheet says a byte is
 destroyed, i.e. on loopback transmission into a full receiver.
 
+When bytes leave the wire: only while the driver listens (IER.ERBFI, not in
+loopback), and only when the driver *looks* at the receiver (reads RBR, LSR or
+IIR); the interrupt line already reports the waiting bytes. A FIFO reset (FCR)
+clears the hardware FIFO as the datasheet says, but never the wire, so it only
+drops bytes the driver has seen. This matters because Linux's 8250 driver sets
+ERBFI and resets the FIFO without reading in between, more than once while it
+brings the console up (drivers/tty/serial/8250/8250_port.c, v6.1):
+``autoconfig()`` writes IER = 0x0F to test the register, then enables and
+clears the FIFOs; ``serial8250_do_startup()`` leaves IER = RLSI|RDI with the
+FIFOs off, and ``serial8250_do_set_termios()`` writes that IER again and then
+FCR = ENABLE_FIFO ("two steps"), which per the datasheet clears the FIFO.
+Moving bytes in at the IER write lost one byte at each of the two (the README's
+``echo 'uname -a; poweroff' | pyvirt run`` ran ``ame -a``).
+
 Interrupt pin: on PC boards the UART's INTR reaches the PIC through a buffer
 enabled by the (active-low) -OUT2 pin, so the line is driven only while
 MCR.OUT2 is set and loopback is off (the datasheet forces OUT2 inactive in
@@ -128,8 +142,7 @@ class Serial16550:
         with self._lock:
             taken = data[: self._room()]
             self._host.extend(taken)
-            self._refill()
-            self._update_irq()
+            self._update_irq()  # the bytes stay on the wire until the driver reads
             return len(taken)
 
     def rx_free(self) -> int:
@@ -172,14 +185,15 @@ class Serial16550:
         if offset == 0:
             if self._lcr & _LCR_DLAB:
                 return self._dll
+            self._refill()
             if self._fifo:
                 self._rbr_last = self._fifo.popleft()
-                self._refill()
                 self._update_irq()
             return self._rbr_last
         if offset == 1:
             return self._dlm if self._lcr & _LCR_DLAB else self._ier
         if offset == 2:
+            self._refill()  # the driver learns about waiting input here: it is received
             iir = self._pending_iir()
             if iir == _IIR_THRE:
                 # Reading IIR clears THRE when it is the source reported (datasheet Table IV).
@@ -191,6 +205,7 @@ class Serial16550:
         if offset == 4:
             return self._mcr
         if offset == 5:
+            self._refill()
             lsr = self._lsr_err | _LSR_THRE | _LSR_TEMT
             if self._fifo:
                 lsr |= _LSR_DR
@@ -226,7 +241,8 @@ class Serial16550:
             # Linux's THRE test at port startup toggles IER to check exactly this.
             if self._ier & _IER_ETBEI and not old & _IER_ETBEI:
                 self._thre_pending = True
-            self._refill()  # input held back until the driver listens (ERBFI) moves in
+            # Input held on the wire raises RDA now, but moves in only when the driver
+            # reads: the FIFO reset that follows in Linux's set_termios must not eat it.
             self._update_irq()
         elif offset == 2:
             self._write_fcr(value)
@@ -237,8 +253,7 @@ class Serial16550:
             self._mcr = value & _MCR_MASK
             after = self._msr_lines()
             self._note_msr_change(before, after)
-            # Leaving loopback reconnects the receiver to the wire.
-            self._refill()
+            # Leaving loopback reconnects the receiver to the wire (bytes move on a read).
             self._update_irq()
         elif offset == 7:
             self._scr = value
@@ -256,7 +271,7 @@ class Serial16550:
             if not was_enabled or value & _FCR_RX_RESET:
                 self._fifo.clear()
             # TX FIFO reset (bit 2) has nothing to do: transmission is instantaneous.
-        self._refill()
+        # Only the hardware FIFO is cleared: bytes still on the wire are not received yet.
         self._update_irq()
 
     # -- helpers (lock held) -----------------------------------------------
@@ -265,21 +280,30 @@ class Serial16550:
         return _FIFO_SIZE if self._fcr & _FCR_ENABLE else 1
 
     def _room(self) -> int:
-        """Bytes ``enqueue_input`` can take now: host buffer plus free receiver FIFO."""
-        room = HOST_RX_CAPACITY - len(self._host)
-        if not self._mcr & _MCR_LOOP and self._ier & _IER_ERBFI:
-            room += max(self._fifo_capacity() - len(self._fifo), 0)
-        return max(room, 0)
+        """Bytes ``enqueue_input`` can take now: free space on the wire."""
+        return max(HOST_RX_CAPACITY - len(self._host), 0)
+
+    def _listening(self) -> bool:
+        # In loopback the serial input is disconnected from the receiver.
+        return bool(self._ier & _IER_ERBFI) and not self._mcr & _MCR_LOOP
+
+    def _rx_count(self) -> int:
+        """Bytes the receiver holds once the wire has refilled it (what IIR/LSR show)."""
+        n = len(self._fifo)
+        if self._host and self._listening():
+            n = min(n + len(self._host), max(self._fifo_capacity(), n))
+        return n
 
     def _refill(self) -> None:
-        """Move bytes from the host buffer into the receiver while it has room.
+        """Move bytes from the wire into the receiver while it has room.
 
-        Only while the guest listens (IER.ERBFI set): console input that arrives
-        before the driver is up waits here instead of sitting in the FIFO, where
-        the driver's FIFO reset at start-up would throw it away.
+        Called only where the driver reads the receiver (RBR, LSR, IIR) and only
+        while it listens (IER.ERBFI): input that arrives before the driver is up,
+        or while it is still programming the FIFO, stays on the wire, out of reach
+        of the FIFO resets of its start-up sequence (see the module docstring).
         """
-        if self._mcr & _MCR_LOOP or not self._ier & _IER_ERBFI:
-            return  # in loopback the serial input is disconnected from the receiver
+        if not self._host or not self._listening():
+            return
         cap = self._fifo_capacity()
         fifo, host = self._fifo, self._host
         while host and len(fifo) < cap:
@@ -331,10 +355,11 @@ class Serial16550:
         ier = self._ier
         if ier & _IER_ELSI and self._lsr_err:
             return _IIR_RLS
-        if ier & _IER_ERBFI and self._fifo:
+        rx = self._rx_count() if ier & _IER_ERBFI else 0
+        if rx:
             if not self._fcr & _FCR_ENABLE:
                 return _IIR_RDA
-            if len(self._fifo) >= _RX_TRIGGER[self._fcr >> 6]:
+            if rx >= _RX_TRIGGER[self._fcr >> 6]:
                 return _IIR_RDA
             # Below the trigger level the 16550A reports a character timeout once no
             # character has moved for 4 character times; input here arrives in bursts
