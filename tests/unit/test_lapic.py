@@ -489,3 +489,29 @@ def test_mmio_byte_reads_and_bad_writes() -> None:
     assert buf[0] == 0x05  # version register byte 2: max LVT
     a.write(0x80, memoryview(bytearray(b"\x40")))  # byte write: ignored
     assert rd(a, 0x80) == 0
+
+
+@pytest.mark.parametrize("polarity", [0, 0x2000])
+def test_lint0_extint_follows_the_8259_output_whatever_the_polarity(polarity: int) -> None:
+    """Found by the guest-side stress test: LINT0 as ExtINT with the polarity bit
+    set (active low) and the 8259's INT low counted as asserted, so has_interrupt()
+    stayed true while the 8259 had no vector to give; the vCPU thread acknowledged
+    nothing, re-raised INTR and never ran another guest instruction."""
+    r = Rig()
+    a = r.apics[0]
+    acks: list[int] = []
+
+    def ack() -> int | None:
+        acks.append(1)
+        return 0x30 if a._lint_level[0] else None
+
+    a.extint_ack = ack
+    enable(a)
+    wr(a, 0x350, 0x700 | polarity)  # LINT0 ExtINT, unmasked
+    assert not a.has_interrupt()  # INT low: nothing to acknowledge
+    assert a.get_interrupt() is None
+    a.set_lint(0, True)
+    assert a.has_interrupt()
+    assert a.get_interrupt() == 0x30
+    a.set_lint(0, False)
+    assert not a.has_interrupt()

@@ -174,3 +174,22 @@ def test_update_timer_fires_in_real_time() -> None:
         assert c.get(0x0C) & 0x90 == 0x90
     finally:
         dev.close()
+
+
+
+@pytest.mark.parametrize(("reg_b", "century", "year"), [
+    (0x06, 100, 24),  # binary: year 10024
+    (0x06, 255, 99),  # binary: year 25599
+    (0x02, 0x00, 0x00),  # BCD: year 0
+])
+def test_years_outside_the_calendar_are_ignored(reg_b: int, century: int, year: int) -> None:
+    """A guest can write any century/year byte; a year Python's calendar cannot
+    hold is ignored like any invalid time, never an exception on the vCPU
+    thread (found by the guest-side stress test: the VM died)."""
+    c = Cmos()
+    c.set(0x0B, reg_b)  # the data mode first: SET latches the time in it
+    c.set(0x0B, reg_b | 0x80)
+    c.set(0x32, century)
+    c.set(9, year)
+    c.set(0x0B, reg_b)
+    assert c.dev.guest_time() == pytest.approx(T0)

@@ -617,3 +617,52 @@ def test_any_descriptor_table(mem: GuestMemory, image: dict[str, object]) -> Non
             assert len(bufs) <= size + MAX_INDIRECT
     else:
         pytest.fail("pop returned chains past the available index")
+
+
+# ---- a driver that never stops posting -------------------------------------------
+
+
+class _RecordingTransport:
+    def __init__(self, mem: GuestMemory, q: SplitQueue) -> None:
+        self.memory, self.q = mem, q
+        self.batches: list[int] = []
+
+    def complete(self, queue: SplitQueue, done: list[tuple[int, int]]) -> None:
+        self.batches.append(len(done))
+        for head, n in done:
+            queue.push(head, n)
+
+    def needs_reset(self, reason: str) -> None:
+        raise AssertionError(reason)
+
+    def note_dma_write(self, gpa: int, size: int) -> None:
+        pass
+
+    def config_changed(self) -> None:
+        pass
+
+
+def test_serve_queue_holds_back_at_most_a_ring(mem: GuestMemory) -> None:
+    """A driver that re-posts a head every time the device takes one keeps the
+    ring non-empty forever; the device must complete in batches of at most the
+    queue size instead of collecting completions without bound."""
+    from pyvirt.virtio.device import serve_queue
+
+    q = make_queue(mem, size=8)
+    desc(mem, 0, DATA, 16, W)
+    avail = Avail(mem, q)
+    avail.publish(0)
+    transport = _RecordingTransport(mem, q)
+    served = 0
+
+    def handle(chain: Chain) -> int:
+        nonlocal served
+        served += 1
+        if served < 200:
+            avail.publish(0)  # hostile: the same head again, before it was returned
+        return 0
+
+    serve_queue(transport, q, "test", handle)  # type: ignore[arg-type]
+    assert served == 200
+    assert sum(transport.batches) == 200
+    assert max(transport.batches) <= q.size

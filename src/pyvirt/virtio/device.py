@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from pyvirt.devices.guestlog import guest_faults
 from pyvirt.memory import GuestMemory
 from pyvirt.virtio.queue import Chain, QueueBroken, SplitQueue
 
@@ -137,10 +138,15 @@ def serve_queue(transport: Transport, q: SplitQueue, name: str,
                 return
             continue
         if chain.error is not None:
-            log.warning("%s: bad descriptor chain: %s", name, chain.error)
+            guest_faults.warning(log, name, "%s: bad descriptor chain: %s", name, chain.error)
             done.append((chain.head, 0))
         else:
             done.append((chain.head, handle(chain)))
+        if len(done) >= q.size:
+            # a driver that keeps re-posting while we work could otherwise grow
+            # the batch without end: no more than a ring's worth is held back
+            transport.complete(q, done)
+            done = []
 
 
 class QueueWorker:
@@ -184,8 +190,7 @@ class QueueWorker:
                 for fd, _ in ep.poll():
                     if fd == self._stop_fd:
                         return
-                    if not self._broken:
-                        handlers[fd]()
+                    self.call(handlers[fd])
         except Exception as exc:  # a VMM bug: break this device, keep the VM
             log.exception("%s: I/O thread failed", self.device.name)
             self.on_broken(f"internal error: {exc}")
@@ -200,10 +205,16 @@ class QueueWorker:
         return handle
 
     def _process(self, q: SplitQueue) -> None:
-        if not q.ready or self._broken:
+        if q.ready:
+            self.call(lambda: self.device.process(q))
+
+    def call(self, handler: Callable[[], None]) -> None:
+        """Run one handler (queue work or an extra fd's, e.g. console input filling the
+        receive queue): a ring the driver broke puts the device in NEEDS_RESET."""
+        if self._broken:
             return
         try:
-            self.device.process(q)
+            handler()
         except QueueBroken as exc:
             self._broken = True
             self.on_broken(str(exc))

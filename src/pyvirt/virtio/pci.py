@@ -26,6 +26,7 @@ import struct
 import threading
 from collections.abc import Sequence
 
+from pyvirt.devices.guestlog import guest_faults
 from pyvirt.devices.irq import IrqLine
 from pyvirt.hypervisor.base import Vm
 from pyvirt.memory import GuestMemory
@@ -98,6 +99,7 @@ class VirtioPciDevice(PciDevice):
         self.vm = vm
         self.memory = memory
         self.intx = intx
+        guest_faults.forget(self.name)  # a new device: a new budget of warnings
         nq = len(device.queue_sizes)
         if not 1 <= nq <= 254:
             raise ValueError("a virtio device needs 1-254 queues")
@@ -366,7 +368,8 @@ class VirtioPciDevice(PciDevice):
             self._interrupt(queue.msix_vector, 1)
 
     def needs_reset(self, reason: str) -> None:
-        log.warning("%s: %s; the device needs a reset", self.name, reason)
+        guest_faults.warning(log, self.name, "%s: %s; the device needs a reset", self.name,
+                             reason)
         with self._status_lock:
             self.status |= STATUS_DEVICE_NEEDS_RESET
         self.config_changed()

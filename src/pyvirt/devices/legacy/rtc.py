@@ -270,7 +270,9 @@ class CmosRtc:
             year = self._dec(image[_CENTURY]) * 100 + self._dec(image[_YEAR])
         except ValueError:
             return
-        if not (sec < 60 and minute < 60 and hour < 24 and 1 <= month <= 12):
+        # binary mode lets the century byte reach 255; timegm() takes years 1-9999 only
+        if not (sec < 60 and minute < 60 and hour < 24 and 1 <= month <= 12
+                and 1 <= year <= 9999):
             return
         if not 1 <= mday <= calendar.monthrange(year, month)[1]:
             return

@@ -657,7 +657,10 @@ class LocalApic:
         lvt = self.lvt[LVT_LINT0]
         if lvt & LVT_MASKED or (lvt >> 8) & 7 != DM_EXTINT:
             return False
-        return self._lint_level[0] != bool(lvt & LVT_ACTIVE_LOW)
+        # the 8259's INT output itself, whatever the polarity bit says (as KVM's
+        # kvm_apic_accept_pic_intr): "active low" with INT low wanted an ExtINT the
+        # 8259 never answers, and the vCPU re-acknowledged it forever
+        return self._lint_level[0]
 
     def _notify_if_deliverable_locked(self, out: list[Action]) -> None:
         if self._pending_vector_locked() is not None or self._wants_extint_locked():
