@@ -5,6 +5,7 @@
 #   make bench  pyvirt vs QEMU side by side (docs/benchmarks.md)
 #   make soak   N consecutive boots of the default guest (N=100)
 #   make lint   ruff + mypy
+#   make fuzz   coverage-guided fuzzing of every guest/user input, FUZZ_RUNS (10^6) per target
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -13,10 +14,11 @@ PY := $(VENV)/bin/python
 STAMPS := .make
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := python3-venv gcc binutils make linux-libc-dev kmod cpio acpica-tools \
-	e2fsprogs qemu-system-x86 qemu-utils cmake pkg-config debootstrap
+	e2fsprogs qemu-system-x86 qemu-utils cmake pkg-config debootstrap libseccomp2
 N ?= 100
+FUZZ_RUNS ?= 1000000
 
-.PHONY: run test bench soak lint setup guest rootfs clean engine
+.PHONY: run test bench soak lint setup guest rootfs clean engine fuzz
 
 run: setup guest
 	$(VENV)/bin/pyvirt run $(ARGS)
@@ -30,8 +32,13 @@ bench: setup guest rootfs
 soak: setup guest
 	$(PY) -m bench.soak --boots $(N)
 
+# One target after another under nice -n 19 (atheris; results in build/fuzz/results.md,
+# docs/security.md). FUZZ_ARGS: e.g. --targets virtqueue,pci_config --max-time 600
+fuzz: setup
+	$(PY) -m fuzz.run --runs $(FUZZ_RUNS) $(FUZZ_ARGS)
+
 lint: setup
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench fuzz
 	$(VENV)/bin/mypy
 
 setup: $(STAMPS)/apt $(STAMPS)/venv engine

@@ -72,9 +72,11 @@ class TimerService:
         self._seq = itertools.count()
         self._closed = False
         self._thread: threading.Thread | None = None
-        if start:
-            self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-            self._thread.start()
+        # started by the first schedule(), i.e. once the guest runs: after the
+        # VMM's sandbox, whose Landlock and capability parts reach only threads
+        # started after it
+        self._start = start
+        self._name = name
 
     def now_ns(self) -> int:
         return self.clock()
@@ -86,6 +88,9 @@ class TimerService:
                 raise RuntimeError("timer service is closed")
             handle = TimerHandle(deadline_ns, next(self._seq), callback)
             heapq.heappush(self._heap, handle)
+            if self._start and self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
             # wake the thread only when its sleep target moved earlier
             if self._heap[0] is handle:
                 self._cond.notify()
