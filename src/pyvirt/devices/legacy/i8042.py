@@ -50,7 +50,7 @@ _CTR_AUXDIS = 0x20
 _CTR_XLATE = 0x40
 
 _ACK = 0xFA
-_OUTPUT_QUEUE_MAX = 64  # beyond this, host-injected bytes are dropped
+_OUTPUT_QUEUE_MAX = 64  # beyond this, injected bytes and controller answers are dropped
 
 
 class _CommandPort:
@@ -164,7 +164,10 @@ class I8042:
         return self._last_data
 
     def _push(self, value: int, aux: bool = False) -> None:
-        self._out.append((value, aux))
+        # A guest can make the controller answer without ever reading port 0x60:
+        # keep the queue bounded (a real i8042 holds one byte) by dropping the excess.
+        if len(self._out) < _OUTPUT_QUEUE_MAX:
+            self._out.append((value, aux))
 
     def _write_command(self, cmd: int) -> bool:
         self._pending_cmd = 0
