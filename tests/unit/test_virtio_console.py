@@ -167,3 +167,23 @@ def test_replies_without_control_buffers_are_bounded(
         crx.wait_used(n)
         delivered += n
     assert delivered == 32
+
+
+def test_bad_receive_buffers_warn_a_bounded_number_of_times(
+        drv: VirtioPciDriver, caplog: pytest.LogCaptureFixture) -> None:
+    """Receive chains the queue rejects (here: a buffer outside guest RAM) are
+    returned empty, within the device's warning budget, and input still
+    reaches the next good buffer."""
+    d = Driver(drv)
+    d.open_port()
+    rx = d.rx
+    if rx.pending_used():
+        rx.wait_used(rx.pending_used())
+    with caplog.at_level(logging.DEBUG, logger="pyvirt"):
+        for _ in range(40):
+            rx.add([], [(1 << 40, 64)])  # outside RAM
+            rx.kick()
+            drv.device.enqueue_input(b"x")  # type: ignore[attr-defined]
+            rx.wait_used(1)
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) <= 11, [r.getMessage() for r in warned]

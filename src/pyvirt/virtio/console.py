@@ -32,12 +32,15 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from pyvirt.devices.guestlog import guest_faults
 from pyvirt.virtio import DEVICE_ID_CONSOLE
 from pyvirt.virtio.device import (
+    Completions,
     Transport,
     VirtioDevice,
     copy_from_chain,
     copy_to_chain,
+    next_chain,
     serve_queue,
 )
 from pyvirt.virtio.queue import Chain, SplitQueue
@@ -162,9 +165,9 @@ class ConsoleDevice(VirtioDevice):
 
     def _reply(self, port: int, event: int, value: int) -> None:
         if len(self._replies) >= _CONTROL_BACKLOG:
-            if not self._backlog_full:  # once per episode: the guest controls the rate
-                log.warning("%s: driver posts no control buffers; control events dropped",
-                            self.name)
+            if not self._backlog_full:  # once per episode, within the device's budget
+                guest_faults.warning(log, self.name, "%s: driver posts no control buffers; "
+                                     "control events dropped", self.name)
                 self._backlog_full = True
             return
         self._replies.append(_CONTROL.pack(port, event, value))
@@ -173,31 +176,21 @@ class ConsoleDevice(VirtioDevice):
         q, transport = self._ctrl_rx, self.transport
         if q is None or transport is None or not q.ready:
             return
-        done: list[tuple[int, int]] = []
-        while self._replies:
-            chain = q.pop()
-            if chain is None:
-                if q.enable_notifications():
-                    continue
-                break
-            if chain.error is not None:
-                log.warning("%s: bad descriptor chain: %s", self.name, chain.error)
-                done.append((chain.head, 0))
-                continue
+        out = Completions(transport, q)
+        while self._replies and (chain := next_chain(q, self.name, out)) is not None:
             msg = self._replies[0]
             if chain.writable_len < len(msg):
-                log.warning("%s: control buffer of %d bytes is too small", self.name,
-                            chain.writable_len)
-                done.append((chain.head, 0))
+                guest_faults.warning(log, self.name, "%s: control buffer of %d bytes is too "
+                                     "small", self.name, chain.writable_len)
+                out.add(chain.head, 0)
                 continue
             self._replies.popleft()
             self._backlog_full = False
             n = copy_to_chain(transport.memory, chain, msg)
             for addr, length in chain.writable:
                 transport.note_dma_write(addr, length)
-            done.append((chain.head, n))
-        if done:
-            transport.complete(q, done)
+            out.add(chain.head, n)
+        out.flush()
 
     # -- input -----------------------------------------------------------------
 
@@ -205,28 +198,21 @@ class ConsoleDevice(VirtioDevice):
         transport = self.transport
         if transport is None or not self._port_open:
             return  # held until the driver opens the port (see the module docstring)
-        done: list[tuple[int, int]] = []
+        out = Completions(transport, q)
         while True:
             with self._lock:
                 if not self._input:
                     break
-            chain = q.pop()
+            chain = next_chain(q, self.name, out)
             if chain is None:
-                if q.enable_notifications():
-                    continue
                 break
-            if chain.error is not None:
-                log.warning("%s: bad descriptor chain: %s", self.name, chain.error)
-                done.append((chain.head, 0))
-                continue
             with self._lock:
                 n = copy_to_chain(transport.memory, chain, self._input[:chain.writable_len])
                 del self._input[:n]
             for addr, length in chain.writable:
                 transport.note_dma_write(addr, length)
-            done.append((chain.head, n))
-        if done:
-            transport.complete(q, done)
+            out.add(chain.head, n)
+        out.flush()
 
     def reset(self) -> None:
         super().reset()

@@ -27,8 +27,8 @@ from pyvirt.devices.guestlog import guest_faults
 from pyvirt.memory import GuestMemory
 from pyvirt.virtio.queue import Chain, QueueBroken, SplitQueue
 
-__all__ = ["QueueWorker", "Transport", "VirtioDevice", "copy_from_chain", "copy_to_chain",
-           "serve_queue"]
+__all__ = ["Completions", "QueueWorker", "Transport", "VirtioDevice", "copy_from_chain",
+           "copy_to_chain", "next_chain", "serve_queue"]
 
 log = logging.getLogger(__name__)
 
@@ -122,31 +122,50 @@ def copy_from_chain(mem: GuestMemory, chain: Chain, limit: int | None = None) ->
     return bytes(out)
 
 
-def serve_queue(transport: Transport, q: SplitQueue, name: str,
-                handle: Callable[[Chain], int]) -> None:
-    """Serve every available chain of ``q`` with ``handle`` (returns the bytes it
-    wrote); chains the queue rejected complete with 0. Completes each batch at
-    once, then re-arms notifications and goes on if more arrived meanwhile."""
-    done: list[tuple[int, int]] = []
+class Completions:
+    """Chains served from one queue, returned to the driver in batches of at most
+    a ring's worth: a driver that keeps re-posting buffers while the device
+    works must not grow a batch without end."""
+
+    def __init__(self, transport: Transport, q: SplitQueue) -> None:
+        self.transport, self.q = transport, q
+        self._done: list[tuple[int, int]] = []
+
+    def add(self, head: int, written: int) -> None:
+        self._done.append((head, written))
+        if len(self._done) >= self.q.size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._done:
+            self.transport.complete(self.q, self._done)
+            self._done = []
+
+
+def next_chain(q: SplitQueue, name: str, out: Completions) -> Chain | None:
+    """The next good chain of ``q``, or None once the ring is empty with
+    notifications re-armed. Chains the queue rejected are completed with 0
+    bytes (and reported within the device's warning budget)."""
     while True:
         chain = q.pop()
         if chain is None:
-            if done:
-                transport.complete(q, done)
-                done = []
-            if not q.enable_notifications():
-                return
-            continue
-        if chain.error is not None:
-            guest_faults.warning(log, name, "%s: bad descriptor chain: %s", name, chain.error)
-            done.append((chain.head, 0))
-        else:
-            done.append((chain.head, handle(chain)))
-        if len(done) >= q.size:
-            # a driver that keeps re-posting while we work could otherwise grow
-            # the batch without end: no more than a ring's worth is held back
-            transport.complete(q, done)
-            done = []
+            if q.enable_notifications():
+                continue  # more arrived while notifications were off
+            return None
+        if chain.error is None:
+            return chain
+        guest_faults.warning(log, name, "%s: bad descriptor chain: %s", name, chain.error)
+        out.add(chain.head, 0)
+
+
+def serve_queue(transport: Transport, q: SplitQueue, name: str,
+                handle: Callable[[Chain], int]) -> None:
+    """Serve every available chain of ``q`` with ``handle`` (returns the bytes it
+    wrote); chains the queue rejected complete with 0."""
+    out = Completions(transport, q)
+    while (chain := next_chain(q, name, out)) is not None:
+        out.add(chain.head, handle(chain))
+    out.flush()
 
 
 class QueueWorker:
