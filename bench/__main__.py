@@ -1,6 +1,6 @@
 """``make bench``: pyvirt side by side with C and QEMU; prints medians and ratios.
 
-    python -m bench [--runs N] [--only kvm,emu,blk]
+    python -m bench [--runs N] [--only kvm,emu,blk,life]
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from bench.common import print_rows
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--runs", type=int, default=5, help="runs per side (alternating)")
-    ap.add_argument("--only", default="kvm,emu,blk", help="comma-separated: kvm, emu, blk")
+    ap.add_argument("--only", default="kvm,emu,blk,life",
+                    help="comma-separated: kvm, emu, blk, life")
     args = ap.parse_args()
     which = set(args.only.split(","))
     print(f"pyvirt benchmarks on {platform.node()} ({platform.machine()}, "
@@ -32,6 +33,11 @@ def main() -> None:
 
         print_rows("virtio-blk, fio in the Debian rootfs guest, software CPU",
                    blk_bench.run(args.runs))
+    if "life" in which:
+        from bench import lifecycle_bench
+
+        print_rows("lifecycle: pause, resume, snapshot, restore; default guest, software CPU",
+                   lifecycle_bench.run(args.runs))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import atheris
 
 from pyvirt.devices.irq import NullIrq
+from pyvirt.eventloop import EventLoop
 from pyvirt.memory import GuestMemory, GuestRegion
 from pyvirt.virtio import (
     F_VERSION_1,
@@ -274,12 +275,15 @@ class VirtioHarness:
     mem: GuestMemory = field(default_factory=guest_memory)
     vm: NullVm = field(init=False)
     pci: VirtioPciDevice = field(init=False)
+    loop: EventLoop = field(init=False)
     intx: NullIrq = field(default_factory=NullIrq)
 
     def __post_init__(self) -> None:
         self.vm = NullVm(self.mem)
+        # queue work runs here, not on the loop (never run): see ``run``
+        self.loop = EventLoop("fuzz")
         self.pci = VirtioPciDevice(self.device, vm=self.vm,  # type: ignore[arg-type]
-                                   memory=self.mem, intx=self.intx)
+                                   memory=self.mem, intx=self.intx, loop=self.loop)
 
     def common(self, name: str, value: int) -> None:
         off, size = _COMMON[name]
@@ -358,6 +362,7 @@ class VirtioHarness:
 
     def close(self) -> None:
         self.pci.close()
+        self.loop.close()
         self.mem.close()
 
 

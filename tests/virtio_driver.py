@@ -8,8 +8,10 @@ stores would. Guest RAM is a real ``GuestMemory``; the split rings, the
 request buffers and (for hostile tests) arbitrary descriptor tables live
 there.
 
-The device completes requests on its own threads, so everything that waits
-for the device (used entries, interrupts) polls with a timeout.
+The device's queue work runs on an ``EventLoop`` that a thread of the
+driver runs (the VMM's main thread does in a VM), and virtio-blk completes
+requests on its own workers, so everything that waits for the device (used
+entries, interrupts) polls with a timeout.
 
 ``FakeVm`` stands in for the hypervisor: MSI messages, DMA-write notes and
 ioeventfd registrations are recorded, INTx lines are ``NullIrq``.
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from pyvirt.arch.x86_64 import layout
 from pyvirt.devices.bus import Bus
 from pyvirt.devices.irq import NullIrq
+from pyvirt.eventloop import EventLoop
 from pyvirt.memory import GuestMemory
 from pyvirt.pci.root import PciRoot, attach_pci_root, intx_gsi
 from pyvirt.virtio import (
@@ -37,7 +40,7 @@ from pyvirt.virtio import (
     STATUS_FEATURES_OK,
 )
 from pyvirt.virtio.device import VirtioDevice
-from pyvirt.virtio.pci import VirtioPciDevice
+from pyvirt.virtio.pci import VirtioPciDevice, VirtioPciState
 
 __all__ = [
     "COMMON",
@@ -209,8 +212,14 @@ class VirtioPciDriver:
         self.root: PciRoot = attach_pci_root(self.pio, self.mmio, self.vm.irq_line, self.mem.end)
         self.slot = slot
         self.device = device
+        self.loop = EventLoop(f"test-{device.name}")
+        self._loop_stop = threading.Event()
+        self._loop_thread = threading.Thread(
+            target=self.loop.run_until, args=(self._loop_stop.is_set,), kwargs={"tick": 0.05},
+            name="test-loop", daemon=True)
+        self._loop_thread.start()
         self.pdev = VirtioPciDevice(device, vm=self.vm, memory=self.mem,
-                                    intx=self.root.intx_line(slot))
+                                    intx=self.root.intx_line(slot), loop=self.loop)
         self.root.add(slot, self.pdev)
         self.intx = self.vm.irq_line(intx_gsi(slot, 0))
         self._heap = HEAP_START
@@ -226,7 +235,32 @@ class VirtioPciDriver:
             return
         self._closed = True
         self.pdev.close()
+        self._loop_stop.set()
+        self.loop.wake()
+        self._loop_thread.join(5)
+        self.loop.close()
         self.mem.close()
+
+    def restore_copy(self, device: VirtioDevice, state: bytes) -> VirtioPciDriver:
+        """Another machine, as a restore in a new process builds it: a copy of this
+        guest's RAM, a fresh transport around ``device`` restored from ``state``
+        (encoded), and this driver's view of its queues carried over, so it can go on
+        where it stopped. The caller closes both drivers."""
+        from pyvirt.state import decode
+
+        new = VirtioPciDriver(device, mem_size=self.mem.size, slot=self.slot,
+                              ioeventfd=self.vm.ioeventfd_supported)
+        try:
+            new.mem.write(0, self.mem.read(0, self.mem.size))
+            new.pdev.restore_state(decode(state, VirtioPciState, part=device.name))
+        except BaseException:
+            new.close()
+            raise
+        new._heap, new.features = self._heap, self.features
+        for index, q in self.queues.items():
+            q.drv, q.mem = new, new.mem
+            new.queues[index] = q
+        return new
 
     def __enter__(self) -> VirtioPciDriver:
         return self

@@ -18,7 +18,7 @@ from pathlib import Path
 from fuzz.common import Provider, check
 from pyvirt.errors import UserInputError
 from pyvirt.loader import Cmdline
-from pyvirt.vmm.config import VmConfig, parse_console, parse_disk, parse_size
+from pyvirt.vmm.config import VmConfig, check_host, parse_console, parse_disk, parse_size
 
 MAX_LEN = 512
 _dir = tempfile.TemporaryDirectory(prefix="pyvirt-fuzz-config-")
@@ -77,7 +77,7 @@ def one_input(data: bytes) -> None:
             parse_disk(_text(fdp))
         elif what == 3:
             disks = tuple(parse_disk(_text(fdp)) for _ in range(fdp.ConsumeIntInRange(0, 3)))
-            VmConfig(kernel=Path(_text(fdp)) if fdp.ConsumeIntInRange(0, 3) == 0
+            check_host(VmConfig(kernel=Path(_text(fdp)) if fdp.ConsumeIntInRange(0, 3) == 0
                      else _ROOT / "vmlinux",
                      initrd=Path(_text(fdp)) if fdp.ConsumeBool() else None,
                      cmdline=_text(fdp), cpus=fdp.ConsumeIntInRange(-2, 300),
@@ -86,7 +86,7 @@ def one_input(data: bytes) -> None:
                      accel=_text(fdp) if fdp.ConsumeIntInRange(0, 3) == 0 else "auto",  # type: ignore[arg-type]
                      console=parse_console(_text(fdp)) if fdp.ConsumeBool() else
                      parse_console("stdio"),
-                     on_reboot="restart", disks=disks)
+                     on_reboot="restart", disks=disks))  # values, then the host
         else:
             line = Cmdline(_text(fdp))
             for _ in range(fdp.ConsumeIntInRange(0, 3)):

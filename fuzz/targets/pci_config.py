@@ -16,6 +16,7 @@ from itertools import pairwise
 from fuzz.common import NullVm, Provider, check, guest_memory
 from pyvirt.arch.x86_64 import layout
 from pyvirt.devices.bus import Bus
+from pyvirt.eventloop import EventLoop
 from pyvirt.pci.device import BAR0
 from pyvirt.pci.root import CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, attach_pci_root
 from pyvirt.virtio.pci import VirtioPciDevice
@@ -23,6 +24,7 @@ from pyvirt.virtio.rng import RngDevice
 
 MAX_LEN = 2048
 _mem = guest_memory()
+_loop = EventLoop("fuzz")  # never run: a device the input drives to DRIVER_OK registers here
 _ECAM = layout.PCI_ECAM_ADDR
 
 
@@ -52,7 +54,7 @@ def one_input(data: bytes) -> None:
     vm = NullVm(_mem)
     root = attach_pci_root(pio, mmio, vm.irq_line, _mem.end)
     dev = VirtioPciDevice(RngDevice(), vm=vm, memory=_mem,  # type: ignore[arg-type]
-                          intx=vm.irq_line(16))
+                          intx=vm.irq_line(16), loop=_loop)
     slot = root.add(None, dev)
     buf = bytearray(8)
     try:

@@ -1,7 +1,7 @@
 """The root of pyvirt's error tree.
 
     PyvirtError
-    ├── ConfigError            (pyvirt.vmm.config)   bad user input: flags, sizes, paths
+    ├── ConfigError            (pyvirt.vmm.config)   a configuration field (.field), value or host
     ├── GuestMemoryError       (pyvirt.memory)       a guest address/length outside RAM
     ├── LoaderError            (pyvirt.loader)       kernel/initrd/cmdline cannot be used
     ├── KvmError               (pyvirt.kvm)          an ioctl on /dev/kvm failed

@@ -12,6 +12,10 @@
      smp       start every AP with INIT/SIPI/SIPI, each reports, power off
      pio       200000 byte writes to port 0x80, then power off
      halt      cli; hlt forever (the VMM must still stop on a signal)
+     count     LAPIC timer every 1 ms counting ticks (and the largest TSC gap
+               between two) while the main loop counts as fast as it can; both
+               in the COUNT_AREA page, which the host reads (test_kvm_state.py)
+     count-hlt the same, but the main loop counts one per wake-up from hlt
      virtio-blk  a virtio 1.2 modern PCI driver: find 1af4:1042, move BAR0 below
                4 GiB, MSI-X, split queue; write, flush, read back, GET_ID
                (see tests/integration/test_kvm_virtio.py)
@@ -154,6 +158,50 @@ static void test_timer(void) {
     put_dec(ticks);
     puts_poll(" ticks\n");
     poweroff();
+}
+
+/* ---- count, count-hlt: counters the host reads from guest memory ---- */
+#define COUNT_AREA 0x30000UL  /* a free page after the command line (layout.py) */
+#define COUNT_MAGIC 0x544e554f43564b50ULL  /* "PKVCOUNT" */
+struct count_area {
+    uint64_t magic;      /* written once the timer runs */
+    uint64_t counter;    /* the main loop's count */
+    uint64_t ticks;      /* timer interrupts */
+    uint64_t last_tsc;   /* TSC at the last tick */
+    uint64_t max_gap;    /* largest TSC delta between two ticks (the host may zero it) */
+    uint64_t backwards;  /* ticks whose TSC was below the previous one */
+};
+static volatile struct count_area *const count_area = (volatile struct count_area *)COUNT_AREA;
+static inline uint64_t rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return (uint64_t)hi << 32 | lo;
+}
+__attribute__((interrupt)) static void count_isr(struct iframe *f) {
+    (void)f;
+    uint64_t now = rdtsc(), last = count_area->last_tsc;
+    if (last) {
+        if (now < last) count_area->backwards++;
+        else if (now - last > count_area->max_gap) count_area->max_gap = now - last;
+    }
+    count_area->last_tsc = now;
+    count_area->ticks++;
+    lapic_eoi();
+}
+static void test_count(int use_hlt) {
+    count_area->counter = count_area->ticks = count_area->last_tsc = 0;
+    count_area->max_gap = count_area->backwards = 0;
+    set_gate(0x42, count_isr);
+    load_idt();
+    lapic_enable();
+    mmio_w32(LAPIC + 0x3e0, 0x3);               /* divide by 16: 16 ns/count under KVM */
+    mmio_w32(LAPIC + 0x320, 0x42 | (1 << 17));  /* periodic, vector 0x42 */
+    mmio_w32(LAPIC + 0x380, 62500);             /* 1 ms */
+    count_area->magic = COUNT_MAGIC;
+    puts_poll(use_hlt ? "count-hlt: running\n" : "count: running\n");
+    __asm__ volatile("sti");
+    if (use_hlt) for (;;) { __asm__ volatile("hlt"); count_area->counter++; }
+    for (;;) count_area->counter++;
 }
 
 /* ---- rtc ---- */
@@ -676,6 +724,8 @@ void guest_main(uint8_t *boot_params) {
         poweroff();
     }
     if (is(t, "virtio-blk")) test_virtio_blk();
+    if (is(t, "count")) test_count(0);
+    if (is(t, "count-hlt")) test_count(1);
     if (is(t, "halt")) { puts_poll("halting\n"); for (;;) __asm__ volatile("cli; hlt"); }
     puts_poll("unknown test\n");
     poweroff();

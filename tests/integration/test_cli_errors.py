@@ -169,3 +169,84 @@ def test_nul_in_a_path_is_refused_with_one_line() -> None:
         parse_disk("path=/tmp/a\0b")
     with pytest.raises(ConfigError, match="NUL byte"):
         parse_console("file:/tmp/a\0b")
+
+
+# ---- errors name the flag the user typed; from a config file, the file and the field
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--memory", "8M"], "--memory 8M: too small (at least 16M)"),
+    (["--cpus", "300"], "--cpus 300: at most 255 vCPUs are supported"),
+    (["--disk", "path=x.img"], "--disk path=x.img: x.img: no such file"),
+    (["--disk", "path=x.img,serial=a b"],
+     "--disk path=x.img,serial=a b: serial must be 1-20 printable ASCII characters, no spaces"),
+])
+def test_errors_name_the_flag(kernel_file: Path, tmp_cwd: Path, args: list[str],
+                              line: str) -> None:
+    r = run_pyvirt("run", "--kernel", str(kernel_file), *args)
+    one_line_error(r)
+    assert r.stderr.decode().strip() == f"pyvirt: error: {line}"
+
+
+def write_config(path: Path, **fields: object) -> Path:
+    import json
+
+    path.write_text(json.dumps(fields))
+    return path
+
+
+def test_config_file_errors_name_file_and_field(kernel_file: Path, tmp_cwd: Path) -> None:
+    (tmp_cwd / "a.img").write_bytes(bytes(4096))
+    k = str(kernel_file)
+    cases = [
+        (dict(kernel=k, disks=[{"path": "a.img"}, {"path": "nope.img"}]),
+         "vm.json: disks[1].path: nope.img: no such file"),
+        (dict(kernel=k, frobnicate=1), "vm.json: frobnicate: unknown field"),
+        (dict(kernel=k, memory="8M"), "vm.json: memory: too small (at least 16M)"),
+        (dict(kernel=k, cpus="2"), "vm.json: cpus: expected an integer, not a string"),
+        (dict(kernel=k, console={"kind": "tty"}),
+         "vm.json: console.kind: expected stdio, virtio, none or file (not 'tty')"),
+        (dict(kernel=k, console={"kind": "file", "path": "nodir/log"}),
+         "vm.json: console.path: nodir/log: directory nodir does not exist"),
+        (dict(kernel=k, memory=10 << 40), "vm.json: memory: 10T is more than the host's"),
+        (dict(kernel=k, accel="emu", cpus=2),
+         "vm.json: cpus: the software CPU runs 1 vCPU"),
+    ]
+    for fields, line in cases:
+        write_config(tmp_cwd / "vm.json", **fields)
+        r = run_pyvirt("run", "--config", "vm.json")
+        one_line_error(r)
+        assert r.stderr.decode().startswith(f"pyvirt: error: {line}"), (fields, r.stderr)
+    (tmp_cwd / "vm.json").write_text('{"kernel": ')
+    one_line_error(run_pyvirt("run", "--config", "vm.json"), "pyvirt: error: vm.json: not JSON")
+    one_line_error(run_pyvirt("run", "--config", "missing.json"),
+                   "pyvirt: error: --config missing.json: no such file")
+
+
+def test_config_file_with_other_flags_is_refused(kernel_file: Path, tmp_cwd: Path) -> None:
+    write_config(tmp_cwd / "vm.json", kernel=str(kernel_file))
+    one_line_error(run_pyvirt("run", "--config", "vm.json", "--cpus", "1", "--no-rng"),
+                   "--config: --cpus, --rng cannot be given with it")
+
+
+def test_print_config_is_the_document_config_takes(tmp_cwd: Path) -> None:
+    import json
+
+    from pyvirt.vmm.config import VmConfig
+
+    (tmp_cwd / "a.img").write_bytes(bytes(4096))
+    r = run_pyvirt("run", "--print-config", "--kernel", "k", "--memory", "1G",
+                   "--disk", "path=a.img,readonly=on,serial=S1", "--console", "file:out.log",
+                   "--on-reboot", "exit")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["memory"] == 1 << 30 and doc["console"] == {"kind": "file", "path": "out.log"}
+    assert doc["disks"] == [{"path": "a.img", "readonly": True, "serial": "S1",
+                             "cache": "writeback", "discard": False}]
+    cfg = VmConfig.from_json(r.stdout)
+    assert cfg.on_reboot == "exit" and str(cfg.kernel) == "k"
+    (tmp_cwd / "vm.json").write_bytes(r.stdout)
+    again = run_pyvirt("run", "--config", "vm.json", "--print-config")
+    assert again.returncode == 0 and json.loads(again.stdout) == doc
+    # nothing was looked at, nothing created
+    assert not (tmp_cwd / "out.log").exists()

@@ -206,7 +206,7 @@ def test_missing_device_message() -> None:
     with pytest.raises(KvmError) as info:
         Kvm("/nonexistent/kvm")
     assert info.value.kind is KvmErrorKind.NO_DEVICE
-    assert "does not exist: KVM is not available (load kvm_intel/kvm_amd, or use --accel emu)" in (
+    assert "does not exist: KVM is not available (load kvm_intel/kvm_amd, or use accel emu)" in (
         str(info.value)
     )
 

@@ -184,3 +184,31 @@ def test_fio_qd32_random_io_verifies(image: GuestImage, rootfs: Path) -> None:
     # the two probe lines at boot ("1/0/0 ... queues", "[vdb] ... blocks") and nothing more
     assert "KMSG=4" in text, text[-3000:]
     assert " err= 0" in text and " err= 1" not in text, text[-3000:]
+
+
+def test_pyvirt_power_button_shuts_debian_down_cleanly(image: GuestImage, rootfs: Path,
+                                                       tmp_path: Path) -> None:
+    """The ACPI power button (the API's power-button action) reaches the Debian
+    guest: pyvirt-init's acpid powers it off cleanly (root read-only first), so a
+    written file is on the disk and e2fsck finds the file system clean."""
+    from tests.integration.test_lifecycle_emu import Vmm
+
+    disk = tmp_path / "rootfs.ext4"
+    subprocess.run(["cp", "--sparse=always", str(rootfs), str(disk)], check=True)
+    vm = Vmm(tmp_path / "api.sock", "--accel", "emu", "--memory", "512M",
+             "--cmdline", "root=/dev/vda pyvirt.noecho", "--disk", f"path={disk}")
+    try:
+        vm.wait_for(READY_LINE.encode())
+        vm.send("echo written > /root/pb.txt && echo \"WRI\"\"TTEN\"")
+        vm.wait_for(b"WRITTEN")
+        vm.drain(0.5)
+        vm.api.power_button()
+        assert vm.exit_status(timeout=90) == 0, vm.text[-3000:]
+        assert "reboot: Power down" in vm.text, vm.text[-2000:]
+    finally:
+        vm.kill()
+    fsck = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    cat = subprocess.run(["debugfs", "-R", "cat /root/pb.txt", str(disk)], capture_output=True,
+                         text=True, check=True)
+    assert cat.stdout.strip() == "written"

@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from pyvirt.hypervisor import HostVirt, HypervisorError, choose
-from pyvirt.vmm.config import ConfigError, VmConfig, parse_console, parse_disk, parse_size
+from pyvirt.vmm.config import (
+    ConfigError,
+    ConsoleSpec,
+    DiskSpec,
+    VmConfig,
+    check_host,
+    parse_console,
+    parse_disk,
+    parse_size,
+)
 from pyvirt.vmm.console import Console
 
 
@@ -25,19 +35,57 @@ def test_parse_size_rejects(text: str) -> None:
 def test_config_rejects_bad_values(tmp_path: Path) -> None:
     k = tmp_path / "k"
     k.write_bytes(b"x")
-    with pytest.raises(ConfigError, match="no such file"):
-        VmConfig(kernel=tmp_path / "missing")
-    with pytest.raises(ConfigError, match="not a regular file"):
-        VmConfig(kernel=tmp_path)
-    with pytest.raises(ConfigError, match="--cpus 0"):
+    with pytest.raises(ConfigError, match=r"^cpus: need at least one vCPU$") as ei:
         VmConfig(kernel=k, cpus=0)
-    with pytest.raises(ConfigError, match="too small"):
+    assert ei.value.field == "cpus"
+    with pytest.raises(ConfigError, match=r"^memory: too small \(at least 16M\)$"):
         VmConfig(kernel=k, memory=0)
-    with pytest.raises(ConfigError, match="more than the host"):
-        VmConfig(kernel=k, memory=10 << 40)
-    with pytest.raises(ConfigError, match="--cpus 999"):
+    with pytest.raises(ConfigError, match=r"^memory: must be a multiple of 2 MiB$"):
+        VmConfig(kernel=k, memory=(64 << 20) + 4096)
+    with pytest.raises(ConfigError, match=r"^cpus: at most 255 vCPUs"):
         VmConfig(kernel=k, cpus=999)
+    with pytest.raises(ConfigError, match=r"^accel: expected auto, kvm or emu"):
+        VmConfig(kernel=k, accel="fast")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^kernel: the path contains a NUL byte$"):
+        VmConfig(kernel=Path("/tmp/a\0b"))
     VmConfig(kernel=k, memory=64 << 20, cpus=2)
+
+
+def test_values_are_checked_without_the_host(tmp_path: Path) -> None:
+    """Constructing a config looks at no file: a config for another host (or
+    one restored from a snapshot) can be built and checked here."""
+    cfg = VmConfig(kernel=tmp_path / "missing", memory=10 << 40,
+                   disks=(DiskSpec(tmp_path / "nodisk"),),
+                   console=ConsoleSpec("file", tmp_path / "nodir" / "log"))
+    with pytest.raises(ConfigError, match=r"^kernel: \S+missing: no such file$"):
+        check_host(cfg)
+
+
+def test_host_checks_name_fields(tmp_path: Path) -> None:
+    k = tmp_path / "k"
+    k.write_bytes(b"x")
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(4096))
+    cases = [
+        (VmConfig(kernel=tmp_path), "kernel", "is a directory, not a regular file"),
+        (VmConfig(kernel=k, initrd=tmp_path / "no"), "initrd", "no such file"),
+        (VmConfig(kernel=k, memory=10 << 40), "memory", "10T is more than the host's"),
+        (VmConfig(kernel=k, disks=(DiskSpec(img), DiskSpec(tmp_path / "x.img"))),
+         "disks[1].path", "x.img: no such file"),
+        (VmConfig(kernel=k, console=ConsoleSpec("file", tmp_path / "nodir" / "log")),
+         "console.path", "does not exist"),
+        (VmConfig(kernel=k, console=ConsoleSpec("file", tmp_path)),
+         "console.path", "is a directory, not a regular file"),
+    ]
+    for cfg, field, needle in cases:
+        with pytest.raises(ConfigError) as ei:
+            check_host(cfg)
+        assert ei.value.field == field, ei.value
+        assert str(ei.value).startswith(f"{field}: ") and needle in str(ei.value), ei.value
+        assert "--" not in str(ei.value)
+    check_host(VmConfig(kernel=k, initrd=k, disks=(DiskSpec(img),),
+                        console=ConsoleSpec("file", tmp_path / "new.log")))
+    assert not (tmp_path / "new.log").exists()  # checked, not created
 
 
 def test_console_specs(tmp_path: Path) -> None:
@@ -45,7 +93,7 @@ def test_console_specs(tmp_path: Path) -> None:
     assert parse_console("none").kind == "none"
     spec = parse_console(f"file:{tmp_path}/log")
     assert spec.kind == "file" and spec.path == tmp_path / "log"
-    for bad in ("file:", "tty", f"file:{tmp_path}/nodir/log"):
+    for bad in ("file:", "tty"):
         with pytest.raises(ConfigError, match="--console"):
             parse_console(bad)
 
@@ -53,16 +101,22 @@ def test_console_specs(tmp_path: Path) -> None:
 def test_console_file_checks_create_nothing(tmp_path: Path) -> None:
     import os
 
-    with pytest.raises(ConfigError, match=r"^--console file:\S+: \S+ is a directory, not a"):
-        parse_console(f"file:{tmp_path}")
+    k = tmp_path / "k"
+    k.write_bytes(b"x")
+
+    def check(console: str) -> None:
+        check_host(VmConfig(kernel=k, console=parse_console(console)))
+
+    with pytest.raises(ConfigError, match=r"^console\.path: \S+ is a directory, not a"):
+        check(f"file:{tmp_path}")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     with pytest.raises(ConfigError, match="is a named pipe"):
-        parse_console(f"file:{fifo}")
+        check(f"file:{fifo}")
     keep = tmp_path / "keep.txt"
     keep.write_text("precious")
-    assert parse_console(f"file:{keep}").path == keep
-    parse_console(f"file:{tmp_path}/new.log")
+    check(f"file:{keep}")
+    check(f"file:{tmp_path}/new.log")
     assert keep.read_text() == "precious" and not (tmp_path / "new.log").exists()
 
 
@@ -74,18 +128,33 @@ def test_disk_given_twice_under_two_names(tmp_path: Path) -> None:
     a = tmp_path / "a.img"
     a.write_bytes(bytes(4096))
     os.link(a, tmp_path / "b.img")
-    with pytest.raises(ConfigError, match=r"b\.img: the same image as --disk .*a\.img"):
-        VmConfig(kernel=k, disks=(parse_disk(str(a)), parse_disk(f"path={tmp_path}/b.img")))
+    cfg = VmConfig(kernel=k, disks=(parse_disk(str(a)), parse_disk(f"path={tmp_path}/b.img")))
+    with pytest.raises(ConfigError,
+                       match=r"^disks\[1\]\.path: \S+b\.img: the same image as disks\[0\]\.path$"):
+        check_host(cfg)
 
 
 def test_disk_that_is_not_a_file(tmp_path: Path) -> None:
     import os
 
+    k = tmp_path / "k"
+    k.write_bytes(b"x")
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(ConfigError, match=r"is a named pipe \(FIFO\), not a regular file or block"):
-        parse_disk(f"path={tmp_path}/fifo,readonly=on")
+        check_host(VmConfig(kernel=k, disks=(parse_disk(f"path={tmp_path}/fifo,readonly=on"),)))
     with pytest.raises(ConfigError, match="is a directory"):
-        parse_disk(str(tmp_path))
+        check_host(VmConfig(kernel=k, disks=(parse_disk(str(tmp_path)),)))
+
+
+def test_disk_spec_parser_names_the_flag() -> None:
+    for spec, needle in [("path=a,serial=has space", "serial must be 1-20"),
+                         ("path=a,cache=fast", "cache='fast' must be none or writeback"),
+                         ("path=a,frob=1", "unknown option 'frob'"),
+                         ("readonly=on", "path=FILE is required"),
+                         ("path=a\0b", "the path contains a NUL byte")]:
+        with pytest.raises(ConfigError, match=f"^--disk {re.escape(spec)}: ") as ei:
+            parse_disk(spec)
+        assert needle in str(ei.value)
 
 
 def test_console_escape_sequences() -> None:

@@ -194,7 +194,7 @@ def test_smp_is_refused() -> None:
     assert hv.max_vcpus() == 1
     mem = GuestMemory.create(16 << 20)
     try:
-        with pytest.raises(HypervisorError, match="--cpus 2: the software CPU runs 1 vCPU"):
+        with pytest.raises(HypervisorError, match="cpus: 2: the software CPU runs 1 vCPU"):
             hv.create_vm(mem, Bus("pio"), Bus("mmio"), num_cpus=2)
     finally:
         mem.close()
@@ -496,9 +496,14 @@ def test_acknowledge_never_spins_on_an_interrupt_the_chip_does_not_hand_out() ->
     class Vm:
         _dma_ranges: list[object] = []
 
-    ack = EmulatedVcpu._make_ack(Chip(None), Eng(), 0, Vm())  # type: ignore[arg-type]
+    class Vcpu:
+        interrupts = 0
+
+    vcpu = Vcpu()
+    ack = EmulatedVcpu._make_ack(Chip(None), Eng(), 0, Vm(), vcpu)  # type: ignore[arg-type]
     assert ack() == -1
     assert raised == []
-    ack = EmulatedVcpu._make_ack(Chip(0x30), Eng(), 0, Vm())  # type: ignore[arg-type]
+    ack = EmulatedVcpu._make_ack(Chip(0x30), Eng(), 0, Vm(), vcpu)  # type: ignore[arg-type]
     assert ack() == 0x30
     assert raised == [1]  # a real delivery with more pending re-raises INTR
+    assert vcpu.interrupts == 1  # counted (metrics) only when delivered

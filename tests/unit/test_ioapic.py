@@ -137,3 +137,33 @@ def test_irq_line() -> None:
     r.program(20, 0x50)
     r.ioapic.irq_line(20).set_level(True)
     assert r.apics[0].get_interrupt() == 0x50
+
+
+def test_state_roundtrip_keeps_remote_irr_and_levels() -> None:
+    import dataclasses
+
+    import pytest
+
+    from pyvirt.hypervisor.emulated.ioapic import IoApicState
+    from pyvirt.state import StateError, decode, encode
+
+    r = Rig()
+    r.reg_write(0x00, 0x03000000)
+    r.program(5, 0xA045)  # level, vector 0x45
+    r.ioapic.set_irq(5, True)
+    assert r.apics[0].get_interrupt() == 0x45
+    st = decode(encode(r.ioapic.save_state()), IoApicState, part="ioapic")
+    r2 = Rig()
+    r2.ioapic.restore_state(st)
+    assert r2.reg_read(0x00) == 0x03000000
+    assert r2.reg_read(0x10 + 2 * 5) & (1 << 14)  # remote IRR still set
+    r2.ioapic.set_irq(5, True)  # still asserted: no second delivery
+    assert r2.apics[0].get_interrupt() is None
+    r2.ioapic.eoi(0x45)  # the line is still high: delivered again
+    assert r2.apics[0].get_interrupt() == 0x45
+    for bad in (dataclasses.replace(st, rte=st.rte[:23]),
+                dataclasses.replace(st, rte=(1 << 64, *st.rte[1:])),
+                dataclasses.replace(st, ioapic_id=16),
+                dataclasses.replace(st, version=0)):
+        with pytest.raises(StateError, match="ioapic"):
+            r2.ioapic.restore_state(bad)

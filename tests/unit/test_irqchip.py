@@ -350,3 +350,40 @@ def test_concurrent_irqs_and_eois_do_not_deadlock() -> None:
         assert all(taken)
     finally:
         chip.close()
+
+
+def test_chip_state_roundtrip_pit_through_ioapic_keeps_ticking() -> None:
+    """The assembled chip: PIT channel 0 periodic into IOAPIC pin 2, one
+    interrupt pending in the LAPIC at the save. A fresh chip restored from
+    the (encoded) record announces the pending interrupt and goes on ticking;
+    restoring into the used chip drops what it did since."""
+    from pyvirt.hypervisor.emulated.irqchip import IrqChipState
+    from pyvirt.state import decode, encode
+
+    r = Rig()
+    r.apic_mode()
+    r.ioapic_write(0x10 + 4, 0x30)
+    r.outb(0x43, 0x34)
+    r.outb(0x40, 1193 & 0xFF)
+    r.outb(0x40, 1193 >> 8)  # ~1 ms
+    r.advance(1_500_000)
+    assert r.chip.has_interrupt(0)  # taken by nobody yet
+    st = decode(encode(r.chip.save_state()), IrqChipState, part="irqchip")
+    r2 = Rig()
+    r2.chip.restore_state(st, elapsed_ns=3_000_000)
+    assert r2.notified[0] >= 1  # INTR raised for the pending interrupt
+    assert r2.chip.interrupt_for_cpu(0) == 0x30
+    w32(r2.chip.lapic(0), 0xB0, 0)
+    got = 0
+    for _ in range(10):
+        r2.advance(1_000_000)
+        if r2.chip.interrupt_for_cpu(0) == 0x30:
+            got += 1
+            w32(r2.chip.lapic(0), 0xB0, 0)
+    assert 9 <= got <= 11
+    # into the used chip: the PIT reprogrammed since is forgotten
+    r2.outb(0x43, 0x30)
+    r2.chip.restore_state(st)
+    assert r2.timers.pending() == 1  # only the restored PIT timer
+    assert r2.chip.interrupt_for_cpu(0) == 0x30
+    r2.chip.close()

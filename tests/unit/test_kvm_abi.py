@@ -112,6 +112,9 @@ def test_the_tables_cover_what_the_task_needs() -> None:
         "kvm_cpuid2", "kvm_run", "kvm_irq_level", "kvm_pit_config", "kvm_mp_state",
         "kvm_irqfd", "kvm_ioeventfd", "kvm_irq_routing", "kvm_irq_routing_entry", "kvm_msi",
         "kvm_lapic_state", "kvm_clock_data", "kvm_vcpu_events", "kvm_xcrs", "kvm_enable_cap",
+        # a complete saved state (issue #9)
+        "kvm_xsave", "kvm_debugregs", "kvm_irqchip", "kvm_pic_state", "kvm_ioapic_state",
+        "kvm_pit_state2", "kvm_pit_channel_state",
     }  # fmt: skip
     assert {f"struct {n}" for n in needed_structs} <= _abi.STRUCTS.keys()
     run_members = {path for path, _, _ in _fields(_abi.kvm_run)}
@@ -131,6 +134,19 @@ def test_the_tables_cover_what_the_task_needs() -> None:
         "flags",
     ):
         assert member in run_members
+
+
+def test_the_saved_state_ioctls_are_mirrored() -> None:
+    for name in ("KVM_GET_XSAVE", "KVM_SET_XSAVE", "KVM_GET_XSAVE2", "KVM_GET_IRQCHIP",
+                 "KVM_SET_IRQCHIP", "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_DEBUGREGS",
+                 "KVM_SET_DEBUGREGS", "KVM_GET_TSC_KHZ", "KVM_SET_TSC_KHZ", "KVM_KVMCLOCK_CTRL",
+                 "KVM_GET_CLOCK", "KVM_SET_CLOCK", "KVM_GET_MSR_INDEX_LIST"):
+        assert name in _abi.IOCTLS
+    assert len(_abi.IOCTL_NAMES) == len(_abi.IOCTLS)  # no two ioctls share a number
+    # the irqchip union: 512 bytes, holding either PIC or the IOAPIC
+    assert ctypes.sizeof(_abi.kvm_irqchip) == 8 + 512
+    assert ctypes.sizeof(_abi.kvm_xsave) == 4096
+    assert ctypes.sizeof(_abi.flex(_abi.kvm_xsave, 2)) == 4096 + 8
 
 
 def test_ioc_encoding() -> None:

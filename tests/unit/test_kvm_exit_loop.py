@@ -102,3 +102,12 @@ def test_port_sweep_does_not_grow_the_exit_loop(monkeypatch: pytest.MonkeyPatch)
     assert pio.unclaimed.totals == {"read": len(exits) // 2, "write": len(exits) // 2}
     # ``seen`` (31k one-byte bytes objects) is most of what is left
     assert grown < 3 << 20, f"a port sweep grew the VMM by {grown} bytes"
+
+
+def test_exits_are_counted_by_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #9: ``metrics()`` counts every port exit (claimed or not) and the kick."""
+    pio = Bus("pio")
+    pio.insert(Port(), 0x3F8, 8, "com1")
+    vcpu, _ = run_exits(monkeypatch, pio, [(0x3FD, 0, 0), (0x3F8, 1, 0x41), (0x80, 1, 7)])
+    assert vcpu.metrics() == {"exits_io": 3, "exits_mmio": 0, "exits_hlt": 0, "exits_intr": 1,
+                              "exits_system_event": 0, "exits_other": 0}

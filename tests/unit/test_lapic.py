@@ -515,3 +515,146 @@ def test_lint0_extint_follows_the_8259_output_whatever_the_polarity(polarity: in
     assert a.get_interrupt() == 0x30
     a.set_lint(0, False)
     assert not a.has_interrupt()
+
+
+# -- saved state -------------------------------------------------------------------
+
+
+def _roundtrip(a: LocalApic) -> object:
+    from pyvirt.hypervisor.emulated.lapic import LapicState
+    from pyvirt.state import decode, encode
+
+    return decode(encode(a.save_state()), LapicState, part="lapic0")
+
+
+def test_state_roundtrip_registers() -> None:
+    r = Rig()
+    a = r.apics[0]
+    enable(a)
+    wr(a, 0x80, 0x20)  # TPR
+    wr(a, 0xD0, 0x0300_0000)  # LDR
+    wr(a, 0x350, 0x8700)  # LINT0 level ExtINT
+    a.accept(0x41, True)
+    a.accept(0xF0, False)
+    assert a.get_interrupt() == 0xF0  # in service
+    st = _roundtrip(a)
+    r2 = Rig()
+    b = r2.apics[0]
+    b.restore_state(st)  # type: ignore[arg-type]
+    for off in (0x20, 0x80, 0xA0, 0xD0, 0xE0, 0xF0, 0x350, 0x320):
+        assert rd(b, off) == rd(a, off), hex(off)
+    for base in (0x100, 0x180, 0x200):
+        assert [rd(b, base + 16 * i) for i in range(8)] == [rd(a, base + 16 * i)
+                                                              for i in range(8)]
+    assert r2.notified[0] == 0  # 0x41 is below the in-service 0xF0: not deliverable
+    wr(b, 0xB0, 0)  # EOI of 0xF0
+    assert b.get_interrupt() == 0x41
+
+
+def test_state_restore_periodic_timer_keeps_phase_without_catch_up() -> None:
+    r = Rig()
+    a = r.apics[0]
+    enable(a)
+    wr(a, 0x3E0, 0xB)
+    wr(a, 0x320, 0x20031)  # periodic, 1 ms
+    wr(a, 0x380, 1_000_000)
+    r.advance(300_000)
+    st = _roundtrip(a)
+    r2 = Rig()
+    b = r2.apics[0]
+    # 5.5 ms later: five periods missed -> one interrupt now, then the old phase
+    b.restore_state(st, elapsed_ns=5_500_000)  # type: ignore[arg-type]
+    r2.advance(0)
+    assert b.get_interrupt() == 0x31
+    wr(b, 0xB0, 0)
+    assert b.get_interrupt() is None  # no storm: the missed periods are one interrupt
+    # next boundary: 0.7 + 6 ms after the old start = 0.2 ms from now
+    r2.advance(199_999)
+    assert b.get_interrupt() is None
+    r2.advance(1)
+    assert b.get_interrupt() == 0x31
+    assert r2.timers.pending() == 1
+
+
+def test_state_restore_one_shot_fires_once_or_on_time() -> None:
+    r = Rig()
+    a = r.apics[0]
+    enable(a)
+    wr(a, 0x3E0, 0xB)
+    wr(a, 0x320, 0x31)  # one-shot
+    wr(a, 0x380, 1_000_000)
+    r.advance(400_000)
+    st = _roundtrip(a)
+    late = Rig()
+    b = late.apics[0]
+    b.restore_state(st, elapsed_ns=10_000_000)  # type: ignore[arg-type]
+    late.advance(0)
+    assert b.get_interrupt() == 0x31
+    wr(b, 0xB0, 0)
+    late.advance(10_000_000)
+    assert b.get_interrupt() is None and late.timers.pending() == 0
+    assert rd(b, 0x390) == 0
+    soon = Rig()
+    c = soon.apics[0]
+    c.restore_state(st, elapsed_ns=100_000)  # type: ignore[arg-type]
+    assert rd(c, 0x390) == 500_000  # 1 ms - 0.4 ms - 0.1 ms
+    soon.advance(499_999)
+    assert c.get_interrupt() is None
+    soon.advance(1)
+    assert c.get_interrupt() == 0x31
+
+
+def test_state_restore_tsc_deadline_compares_with_the_guest_tsc() -> None:
+    r = Rig()
+    a = r.apics[0]
+    enable(a)
+    wr(a, 0x320, 0x40032)
+    a.write_msr(0x6E0, r.clock.now_ns * 2 + 2_000_000)  # 1 ms ahead
+    st = _roundtrip(a)
+    r2 = Rig()
+    b = r2.apics[0]
+    b.restore_state(st)  # type: ignore[arg-type]  # same guest TSC (Rig clocks agree)
+    r2.advance(999_999)
+    assert b.get_interrupt() is None
+    r2.advance(1)
+    assert b.get_interrupt() == 0x32
+    # restored on a clock already past the deadline: fires once, at once
+    r3 = Rig()
+    r3.clock.advance(5_000_000)
+    c = r3.apics[0]
+    c.restore_state(st)  # type: ignore[arg-type]
+    assert c.get_interrupt() == 0x32
+    assert r3.timers.pending() == 0
+
+
+def test_state_restore_into_a_used_lapic_cancels_its_timer() -> None:
+    r = Rig()
+    a = r.apics[0]
+    st = a.save_state()  # power-up state: no timer
+    enable(a)
+    wr(a, 0x3E0, 0xB)
+    wr(a, 0x320, 0x20031)
+    wr(a, 0x380, 1000)
+    a.accept(0x50, False)
+    assert r.timers.pending() == 1
+    a.restore_state(st)
+    assert r.timers.pending() == 0
+    r.advance(10_000)
+    assert a.get_interrupt() is None
+    assert rd(a, 0xF0) == 0xFF
+
+
+@pytest.mark.parametrize("field,value", [
+    ("version", 99), ("tpr", 0x100), ("lvt", (0,) * 5), ("isr", bytes(31)),
+    ("svr", -1), ("base_msr", 0xFEE0_0001), ("timer_next_ns", 1 << 70),
+    ("lint_level", (True,)), ("sipi_vector", 256), ("nmi_pending", 1),
+])
+def test_state_bad_records_are_refused(field: str, value: object) -> None:
+    import dataclasses
+
+    from pyvirt.state import StateError
+
+    a = Rig().apics[0]
+    st = dataclasses.replace(a.save_state(), **{field: value})
+    with pytest.raises(StateError, match="lapic0"):
+        a.restore_state(st)

@@ -182,3 +182,39 @@ def test_reinit_clears_state() -> None:
     r.pic.set_irq(3, False)
     r.pic.set_irq(3, True)
     assert r.pic.get_interrupt() == 0x0B
+
+
+def test_state_roundtrip() -> None:
+    import dataclasses
+
+    import pytest
+
+    from pyvirt.hypervisor.emulated.pic import Pic8259Pair, PicPairState
+    from pyvirt.state import StateError, decode, encode
+
+    r = Rig()
+    out(r.pic.master_device, 1, 0xEB)  # unmask IRQ4
+    out(r.pic.elcr_device, 1, 0x02)  # IRQ9 level
+    r.pic.set_irq(4, True)
+    assert r.pic.get_interrupt() == 0x34  # IRQ4 in service
+    r.pic.set_irq(5, True)  # pending behind the mask
+    out(r.pic.master_device, 0, 0x0B)  # OCW3: read ISR
+    st = decode(encode(r.pic.save_state()), PicPairState, part="pic")
+    outputs: list[bool] = []
+    p2 = Pic8259Pair(on_output=outputs.append)
+    p2.restore_state(st)
+    assert outputs == []  # the saved output level is not re-announced
+    assert inb(p2.master_device, 0) == 0x10  # ISR read still selected
+    assert inb(p2.master_device, 1) == 0xEB
+    assert inb(p2.elcr_device, 1) == 0x02
+    out(p2.master_device, 1, 0xCB)  # unmask IRQ5: waits for IRQ4's EOI (higher priority)
+    assert not p2.has_interrupt()
+    out(p2.master_device, 0, 0x64)  # specific EOI 4
+    assert p2.get_interrupt() == 0x35
+    bad_master = dataclasses.replace(st.master, lowest=8)
+    for bad in (dataclasses.replace(st, version=3),
+                dataclasses.replace(st, master=bad_master),
+                dataclasses.replace(st, slave=dataclasses.replace(st.slave, init_step=1)),
+                dataclasses.replace(st, slave=dataclasses.replace(st.slave, imr=256))):
+        with pytest.raises(StateError, match="pic"):
+            p2.restore_state(bad)

@@ -244,3 +244,99 @@ def test_no_irq_line() -> None:
     pit.write_port(0, 0xA9)
     pit.write_port(0, 0x04)
     pit.close()
+
+
+# -- saved state -------------------------------------------------------------------
+
+
+def _roundtrip(p: Pit8254) -> object:
+    from pyvirt.hypervisor.emulated.pit import PitState
+    from pyvirt.state import decode, encode
+
+    return decode(encode(p.save_state()), PitState, part="pit")
+
+
+def test_state_periodic_channel0_keeps_phase_without_catch_up() -> None:
+    r = Rig()
+    r.outb(0x43, 0x34)  # mode 2, 1000 ticks
+    r.outb(0x40, 1000 & 0xFF)
+    r.outb(0x40, 1000 >> 8)
+    period = 1000 * NS / PIT_HZ
+    r.advance(int(period * 2.5), step=10_000)
+    assert len(r.irq.edges) == 2
+    st = _roundtrip(r.pit)
+    r2 = Rig()
+    r2.pit.restore_state(st, elapsed_ns=int(period * 10.25))  # type: ignore[arg-type]
+    r2.advance(int(period * 0.25) - 10_000)
+    assert r2.irq.edges == []  # the missed periods are not caught up
+    r2.advance(20_000)
+    assert len(r2.irq.edges) == 1  # the old phase: 13 periods after the old start
+    r2.advance(int(period * 3), step=10_000)
+    assert len(r2.irq.edges) == 4
+    assert r2.timers.pending() == 1
+
+
+def test_state_mode0_terminal_count_in_the_gap_fires_once() -> None:
+    r = Rig()
+    r.outb(0x43, 0x30)  # mode 0
+    r.outb(0x40, 0x00)
+    r.outb(0x40, 0x10)  # 4096 ticks, ~3.4 ms
+    r.advance(1_000_000)
+    st = _roundtrip(r.pit)
+    r2 = Rig()
+    r2.pit.restore_state(st, elapsed_ns=10_000_000)  # type: ignore[arg-type]
+    r2.timers.run_due()
+    assert len(r2.irq.edges) == 1 and r2.irq.level
+    r2.advance(50_000_000)
+    assert len(r2.irq.edges) == 1
+
+
+def test_state_latch_and_readback_survive() -> None:
+    r = Rig()
+    r.outb(0x43, 0xB4)  # channel 2, word, mode 2
+    r.outb(0x42, 0x34)
+    r.outb(0x42, 0x12)
+    r.outb(0x61, 0x01)  # gate on
+    r.outb(0x43, 0x80)  # latch channel 2
+    lsb = r.inb(0x42)
+    st = _roundtrip(r.pit)
+    r2 = Rig()
+    r2.pit.restore_state(st, elapsed_ns=5_000_000)  # type: ignore[arg-type]
+    msb = r2.inb(0x42)
+    assert msb == r.inb(0x42)  # the latched MSB, not a live count
+    assert 0 < (msb << 8 | lsb) <= 0x1234
+    assert r2.inb(0x61) & 1 == 1  # channel 2's gate
+
+
+def test_state_restore_into_used_pit_cancels_timers() -> None:
+    r = Rig()
+    st = r.pit.save_state()
+    r.outb(0x43, 0x34)
+    r.outb(0x40, 0x10)
+    r.outb(0x40, 0x00)
+    assert r.timers.pending() == 1
+    r.pit.restore_state(st)
+    assert r.timers.pending() == 0
+
+
+def test_state_bad_records_are_refused() -> None:
+    import dataclasses
+
+    import pytest
+
+    from pyvirt.state import StateError
+
+    r = Rig()
+    st = r.pit.save_state()
+    bad_ch = dataclasses.replace(st.channels[0], reload=0)
+    for bad in (dataclasses.replace(st, version=2),
+                dataclasses.replace(st, channels=st.channels[:2]),
+                dataclasses.replace(st, channels=(bad_ch, *st.channels[1:])),
+                dataclasses.replace(st, channels=(dataclasses.replace(st.channels[0],
+                                                                      latch=(1, 2, 3)),
+                                                  *st.channels[1:])),
+                dataclasses.replace(st, channels=(dataclasses.replace(st.channels[0],
+                                                                      mode=7),
+                                                  *st.channels[1:]))):
+        with pytest.raises(StateError, match="pit"):
+            r.pit.restore_state(bad)

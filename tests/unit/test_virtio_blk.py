@@ -805,8 +805,8 @@ def test_worker_pool_grows_on_demand_and_stops(tmp_path: Path) -> None:
 
 def test_in_flight_requests_bounded_by_the_ring(disk: Disk) -> None:
     """A driver that re-posts heads the device still holds (legal for no driver)
-    must not grow the requests in flight past the ring size: the I/O thread
-    waits for room instead of queueing work without bound."""
+    must not grow the requests in flight past the ring size: the device stops
+    taking chains until there is room instead of queueing work without bound."""
     drv, q, blk = disk.drv, disk.q, disk.blk
     gate = threading.Event()
     real_execute = blk._execute

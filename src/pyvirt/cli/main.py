@@ -7,14 +7,22 @@ no tracebacks reach the user (``--debug`` shows them).
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+from click.core import ParameterSource
 
 from pyvirt.errors import PyvirtError
+
+if TYPE_CHECKING:
+    from pyvirt.vmm.config import VmConfig
 
 __all__ = ["cli", "main", "one_line"]
 
@@ -34,7 +42,26 @@ class _Size(click.ParamType[int]):
             self.fail(str(exc).split(": ", 1)[-1], param, ctx)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """Subcommands in other modules (``ctl``) are imported only when used, so
+    ``pyvirt run`` pays nothing for them at start-up."""
+
+    _lazy = {"ctl": ("pyvirt.cli.ctl", "ctl")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self._lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self._lazy:
+            import importlib
+
+            module, attr = self._lazy[cmd_name]
+            cmd: click.Command = getattr(importlib.import_module(module), attr)
+            return cmd
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show debug logs and tracebacks.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
@@ -45,13 +72,20 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 @cli.command()
+@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=True),
+              metavar="FILE",
+              help="Take the whole VM configuration from a JSON document (the format "
+                   "--print-config writes; README: Configuration file). No other option "
+                   "may be given with it, except --print-config.")
+@click.option("--print-config", is_flag=True,
+              help="Print the configuration as a JSON document and exit without booting.")
 @click.option("--kernel", type=click.Path(path_type=Path, dir_okay=True),
               help="Linux bzImage or ELF vmlinux (default: the default guest's kernel).")
 @click.option("--initrd", type=click.Path(path_type=Path, dir_okay=True),
               help="initramfs (default: the default guest's, when --kernel is not given).")
 @click.option("--cmdline", default="", help="Extra kernel command line.")
 @click.option("--cpus", type=int, default=1, show_default=True, help="Number of vCPUs.")
-@click.option("--memory", "-m", type=_Size(), default="512M", show_default=True,
+@click.option("--memory", "-m", metavar="SIZE", default="512M", show_default=True,
               help="Guest RAM, e.g. 512M or 2G (plain numbers are MiB).")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "emu"]), default="auto",
               show_default=True, help="CPU backend: KVM, the software CPU, or pick.")
@@ -70,10 +104,24 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Confine the running VMM (no_new_privs, Landlock, no capabilities, seccomp): "
                    "auto applies what the host supports, on fails if a part cannot be.")
 @click.option("--verbose", "-v", is_flag=True, help="Say which accelerator is used and why.")
+@click.option("--api-socket", type=click.Path(path_type=Path, dir_okay=False), metavar="PATH",
+              help="Serve the control API (HTTP/JSON, docs/api.md) on this Unix socket "
+                   "(created with mode 0600; `pyvirt ctl PATH ...` drives it).")
+@click.option("--restore", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="Restore the snapshot in DIR instead of booting (it holds the configuration; "
+                   "only --console and --disk may replace its console and disk paths). The VM "
+                   "starts paused unless --resume is given.")
+@click.option("--resume", is_flag=True, help="With --restore: run the guest at once.")
+@click.option("--snapshot-root", type=click.Path(path_type=Path, file_okay=False),
+              metavar="DIR",
+              help="Where snapshots may be written while the sandbox is on (default: the API "
+                   "socket's directory).")
 @click.pass_context
-def run(ctx: click.Context, kernel: Path | None, initrd: Path | None, cmdline: str, cpus: int,
-        memory: int, accel: str, console_spec: str, disks: tuple[str, ...], rng: bool,
-        on_reboot: str, sandbox: str, verbose: bool) -> None:
+def run(ctx: click.Context, config_file: Path | None, print_config: bool, kernel: Path | None,
+        initrd: Path | None, cmdline: str, cpus: int, memory: str, accel: str,
+        console_spec: str, disks: tuple[str, ...], rng: bool, on_reboot: str, sandbox: str,
+        verbose: bool, api_socket: Path | None, restore: Path | None, resume: bool,
+        snapshot_root: Path | None) -> None:
     """Boot a VM in the foreground (the default guest when no --kernel is given).
 
     The serial console is on this terminal: Ctrl-A x quits. Commands piped
@@ -82,28 +130,180 @@ def run(ctx: click.Context, kernel: Path | None, initrd: Path | None, cmdline: s
     while it runs), 1 if the guest crashed, 2 on bad input, 128 + N when
     signal N stops pyvirt before the guest first ran.
     """
-    from pyvirt.vmm.config import VmConfig, parse_console, parse_disk
-    from pyvirt.vmm.runner import run_vm
+    from pyvirt.vmm.config import ConfigError, VmConfig, parse_console, parse_disk, parse_size
+
+    # where each configuration field came from on this command line: an error
+    # naming the field is shown with the flag and the text the user typed
+    flags: dict[str, tuple[str, str]] = {}
+    describe: Callable[[PyvirtError], str] = str
+
+    def explicit(*names: str) -> list[str]:
+        return [p.opts[0] for p in ctx.command.params if p.name in names
+                and ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT]
 
     def go() -> int:
-        k, i = kernel, initrd
-        if k is None:
-            from pyvirt.guest.build import build_default_guest, default_guest, guest_is_built
+        nonlocal describe
+        from pyvirt.vmm.runner import RunOptions
 
-            if not guest_is_built():
-                build_default_guest(log=lambda s: click.echo(f"pyvirt: {s}", err=True))
-            g = default_guest()
-            k = g.kernel
-            i = i if i is not None else g.initrd
-        cfg = VmConfig(kernel=k, initrd=i, cmdline=cmdline, cpus=cpus, memory=memory,
-                       accel=accel,  # type: ignore[arg-type]
-                       console=parse_console(console_spec),
-                       on_reboot=on_reboot,  # type: ignore[arg-type]
-                       verbose=verbose, disks=tuple(parse_disk(d) for d in disks), rng=rng,
-                       sandbox=sandbox)  # type: ignore[arg-type]
-        return run_vm(cfg)
+        if resume and restore is None:
+            raise ConfigError("--resume: only with --restore")
+        if restore is not None:
+            if config_file is not None or print_config:
+                raise ConfigError("--restore: the snapshot holds the configuration; "
+                                  "--config and --print-config cannot be given with it")
+            given = explicit(*(set(_RUN_FIELDS) - {"console_spec", "disks", "verbose"}))
+            if given:
+                raise ConfigError(f"--restore: {', '.join(given)} cannot be given with it "
+                                  "(the snapshot holds the configuration)")
+            from pyvirt.vmm.snapshot import read_snapshot
 
-    sys.exit(_guarded(ctx, go))
+            overrides: dict[str, object] = {}
+            if explicit("console_spec"):
+                con = parse_console(console_spec)
+                overrides["console"] = {"kind": con.kind,
+                                        "path": None if con.path is None else str(con.path)}
+                flags["console"] = ("--console", console_spec)
+            if disks:
+                overrides["disks"] = [
+                    {"path": str(d.path), "readonly": d.readonly, "serial": d.serial,
+                     "cache": d.cache, "discard": d.discard}
+                    for d in (parse_disk(x) for x in disks)]
+                flags.update({f"disks[{n}]": ("--disk", d) for n, d in enumerate(disks)})
+            describe = functools.partial(_as_flags, flags)
+            snap = read_snapshot(restore, overrides=overrides)
+            cfg = snap.config
+            if verbose:
+                import dataclasses
+
+                cfg = dataclasses.replace(cfg, verbose=True)
+            from pyvirt.vmm.runner import run_vm
+
+            try:
+                return run_vm(cfg, options=RunOptions(api_socket=api_socket, restore=snap,
+                                                      start=resume,
+                                                      snapshot_root=snapshot_root))
+            finally:
+                snap.close()
+        if config_file is not None:
+            given = [p.opts[0] for p in ctx.command.params if p.name in _RUN_FIELDS
+                     and ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT]
+            if given:
+                raise ConfigError(f"--config: {', '.join(given)} cannot be given with it "
+                                  "(the file holds the whole configuration)")
+            cfg = _load_config(config_file)
+            describe = functools.partial(_in_file, str(config_file))
+        else:
+            k, i = kernel, initrd
+            if k is None:
+                from pyvirt.guest.build import build_default_guest, default_guest, guest_is_built
+
+                if not print_config and not guest_is_built():
+                    build_default_guest(log=lambda s: click.echo(f"pyvirt: {s}", err=True))
+                g = default_guest()
+                k = g.kernel
+                i = i if i is not None else g.initrd
+            else:
+                flags["kernel"] = ("--kernel", str(kernel))
+            if initrd is not None:
+                flags["initrd"] = ("--initrd", str(initrd))
+            flags.update(cpus=("--cpus", str(cpus)), memory=("--memory", memory),
+                         accel=("--accel", accel), console=("--console", console_spec),
+                         on_reboot=("--on-reboot", on_reboot), sandbox=("--sandbox", sandbox))
+            flags.update({f"disks[{n}]": ("--disk", d) for n, d in enumerate(disks)})
+            describe = functools.partial(_as_flags, flags)
+            cfg = VmConfig(kernel=k, initrd=i, cmdline=cmdline, cpus=cpus,
+                           memory=parse_size(memory),
+                           accel=accel,  # type: ignore[arg-type]
+                           console=parse_console(console_spec),
+                           on_reboot=on_reboot,  # type: ignore[arg-type]
+                           verbose=verbose, disks=tuple(parse_disk(d) for d in disks), rng=rng,
+                           sandbox=sandbox)  # type: ignore[arg-type]
+        if print_config:
+            click.echo(cfg.to_json())
+            return 0
+        from pyvirt.vmm.runner import run_vm
+
+        return run_vm(cfg, options=RunOptions(api_socket=api_socket,
+                                              snapshot_root=snapshot_root))
+
+    sys.exit(_guarded(ctx, go, lambda exc: describe(exc)))
+
+
+#: the options of ``run`` that are configuration fields (refused with --config)
+_RUN_FIELDS = ("kernel", "initrd", "cmdline", "cpus", "memory", "accel", "console_spec", "disks",
+               "rng", "on_reboot", "sandbox", "verbose")
+
+#: an error message that starts with a configuration field's path (errors below
+#: the CLI name fields, never flags: see pyvirt.vmm.config)
+_FIELD_RE = re.compile(r"(kernel|initrd|cmdline|cpus|memory|accel|console(?:\.\w+)?|on_reboot"
+                       r"|verbose|rng|sandbox|disks(?:\[\d+\](?:\.\w+)?)?): (.*)", re.S)
+_DISK_FIELD_RE = re.compile(r"\bdisks\[(\d+)\](?:\.path)?")
+
+
+def _field_of(exc: PyvirtError) -> tuple[str, str] | None:
+    """(field path, the rest of the message) when ``exc`` is about one field."""
+    from pyvirt.vmm.config import ConfigError
+
+    if isinstance(exc, ConfigError) and exc.field:
+        return exc.field, exc.detail
+    m = _FIELD_RE.fullmatch(str(exc))
+    return (m.group(1), m.group(2)) if m else None
+
+
+def _as_flags(flags: dict[str, tuple[str, str]], exc: PyvirtError) -> str:
+    """The message of ``exc`` with the field it names shown as the flag that set it:
+    ``disks[1].path: x.img: no such file`` -> ``--disk path=x.img: x.img: no such file``."""
+    found = _field_of(exc)
+    if found is None:
+        return str(exc)
+    path, detail = found
+    root = path.split(".", 1)[0]
+    if root not in flags:
+        return str(exc)
+    flag, text = flags[root]
+
+    def other_disk(m: re.Match[str]) -> str:
+        given = flags.get(f"disks[{m.group(1)}]")
+        return f"{given[0]} {given[1]}" if given else m.group(0)
+
+    detail = _DISK_FIELD_RE.sub(other_disk, detail)
+    if detail.startswith((f"{text}: ", f"{text} ")):  # the message quotes the value already
+        return f"{flag} {detail}"
+    return f"{flag} {text}: {detail}"
+
+
+def _in_file(name: str, exc: PyvirtError) -> str:
+    """An error about a field of the configuration file ``name`` names the file too."""
+    return f"{name}: {exc}" if _field_of(exc) is not None else str(exc)
+
+
+def _load_config(path: Path) -> VmConfig:
+    """The document in ``path``, validated (values only: the host checks come with
+    the run); every error names the file, and the field where there is one."""
+    from pyvirt.hostfile import open_host_file
+    from pyvirt.vmm.config import MAX_DOCUMENT, ConfigError, VmConfig
+
+    try:
+        fd, _ = open_host_file(path, os.O_RDONLY, what="--config", error=ConfigError)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("--config: ", "--config ", 1)) from None
+    try:
+        chunks = []
+        size = 0
+        while size <= MAX_DOCUMENT:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        return VmConfig.from_json(b"".join(chunks))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 @cli.group()
@@ -155,14 +355,16 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
-def _guarded(ctx: click.Context, fn: Callable[[], int]) -> int:
-    """Run ``fn``; turn pyvirt errors into one line on stderr and an exit status."""
+def _guarded(ctx: click.Context, fn: Callable[[], int],
+             describe: Callable[[PyvirtError], str] = str) -> int:
+    """Run ``fn``; turn pyvirt errors into one line on stderr (``describe``
+    words it) and an exit status."""
     try:
         return int(fn())
     except PyvirtError as exc:
         if ctx.obj and ctx.obj.get("debug"):
             raise
-        click.echo(f"pyvirt: error: {one_line(str(exc))}", err=True)
+        click.echo(f"pyvirt: error: {one_line(describe(exc))}", err=True)
         return exc.exit_status
     except KeyboardInterrupt:
         return 130

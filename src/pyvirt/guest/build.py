@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: bump when the build changes in a way the script hashes below do not capture
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 #: modules the guest loads at boot (their dependencies are added automatically)
 GUEST_MODULES = (
@@ -63,6 +63,10 @@ GUEST_MODULES = (
     "virtio_rng",
     "vmw_vsock_virtio_transport",
     "ext4",
+    # the ACPI power button: button reports it as KEY_POWER on an input device
+    # (evdev), which busybox acpid turns into a clean power-off
+    "button",
+    "evdev",
 )
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
@@ -78,6 +82,7 @@ _SCRIPTS = {
     "init": "init",
     "rcS.sh": "etc/init.d/rcS",
     "load-modules.sh": "etc/init.d/load-modules",
+    "acpi-power.sh": "etc/acpi/PWRF/00000080",
 }
 
 _INITTAB = """\
@@ -254,6 +259,8 @@ def _initramfs(
             "usr/bin",
             "usr/sbin",
             "etc/init.d",
+            "etc/acpi",
+            "etc/acpi/PWRF",
             "root",
             "tmp",
             "run",

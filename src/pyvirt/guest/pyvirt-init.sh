@@ -18,6 +18,9 @@ mounted /dev/shm || mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /dev/shm
 mounted /run || mount -t tmpfs -o nosuid,nodev,mode=755 tmpfs /run
 mounted /tmp || mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp
 hostname pyvirt
+# The ACPI power button: the initramfs loaded button + evdev; busybox acpid runs
+# /etc/acpi/PWRF/00000080 (a clean power-off) on KEY_POWER.
+busybox acpid -c /etc/acpi -l /dev/null -p /run/acpid.pid 2>/dev/null
 
 # The console's real tty (busybox cttyhack's rule: the last entry of .../active), so the
 # shell can make it its controlling terminal: /dev/console cannot be one.

@@ -11,6 +11,10 @@ mkdir -p /dev/pts /dev/shm
 mounted /dev/pts || mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mounted /tmp || mount -t tmpfs -o mode=1777 tmpfs /tmp
 /etc/init.d/load-modules
+# The ACPI power button (pyvirt's power-button action, QEMU's system_powerdown):
+# the button driver reports KEY_POWER on an evdev node; acpid runs
+# /etc/acpi/PWRF/00000080 for it, which powers off cleanly through init.
+acpid -c /etc/acpi -l /dev/null -p /run/acpid.pid 2>/dev/null
 # With console=hvc0 the console driver is one of those modules, so init handed us a
 # dead /dev/console. Do not reopen it here: the first open of hvc0 starts pulling the
 # host's input into the tty, and our exit would close it (the last holder) and drop

@@ -1,7 +1,8 @@
 """Build the Debian root filesystem image: an ext4 disk for ``root=/dev/vda``.
 
 ``debootstrap --variant=minbase`` installs Debian 12 (bookworm) plus a few tools
-(:data:`INCLUDE`: ``fio`` for the block benchmark, ``procps``) into a temporary
+(:data:`INCLUDE`: ``fio`` for the block benchmark, ``procps``, ``busybox-static``
+for its acpid) into a temporary
 folder, from the Debian mirror apt is configured with (``apt-get indextargets``;
 ``http://deb.debian.org/debian`` when apt names none). Package caches, apt lists,
 manuals, docs (but the copyright files) and translations are dropped, and the tree
@@ -59,12 +60,12 @@ __all__ = [
 ]
 
 #: bump when the build changes in a way the script hashes below do not capture
-ROOTFS_RECIPE_VERSION = 1
+ROOTFS_RECIPE_VERSION = 2
 
 SUITE = "bookworm"
 VARIANT = "minbase"
 #: installed on top of minbase (with their dependencies)
-INCLUDE = ("fio", "procps")
+INCLUDE = ("fio", "procps", "busybox-static")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 
@@ -87,6 +88,8 @@ _FILES = {
     "pyvirt-init.sh": ("usr/sbin/pyvirt-init", 0o755),
     "rootfs-bashrc.sh": ("etc/pyvirt/bashrc", 0o644),
     "rootfs-power.sh": ("usr/local/sbin/poweroff", 0o755),
+    # busybox acpid runs it on the ACPI power button (pyvirt-init starts acpid)
+    "rootfs-acpi-power.sh": ("etc/acpi/PWRF/00000080", 0o755),
 }
 _POWER_LINKS = ("reboot", "halt")
 

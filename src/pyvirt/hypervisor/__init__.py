@@ -89,19 +89,19 @@ def choose(accel: str, host: HostVirt) -> BackendChoice:
     if accel == "kvm":
         if not host.kvm_device:
             raise HypervisorError(
-                f"--accel kvm: {KVM_DEVICE} does not exist (load kvm_intel or kvm_amd, "
-                "or use --accel emu)")
+                f"accel: kvm: {KVM_DEVICE} does not exist (load kvm_intel or kvm_amd, "
+                "or use accel emu)")
         if not host.kvm_accessible:
             raise HypervisorError(
-                f"--accel kvm: permission denied on {KVM_DEVICE} (add the user to the kvm group)")
+                f"accel: kvm: permission denied on {KVM_DEVICE} (add the user to the kvm group)")
         if host.vendor_module == "kvm_pvm":
-            return BackendChoice("kvm", f"forced by --accel kvm ({KVM_DEVICE} is PVM: guest "
+            return BackendChoice("kvm", f"forced by accel kvm ({KVM_DEVICE} is PVM: guest "
                                         "kernel code is interpreted, expect it to be slow)")
-        return BackendChoice("kvm", "forced by --accel kvm")
+        return BackendChoice("kvm", "forced by accel kvm")
     if accel == "emu":
-        return BackendChoice("emu", "forced by --accel emu")
+        return BackendChoice("emu", "forced by accel emu")
     if accel != "auto":
-        raise HypervisorError(f"--accel {accel!r}: expected auto, kvm or emu")
+        raise HypervisorError(f"accel: expected auto, kvm or emu (not {accel!r})")
     if host.hardware_kvm:
         what = host.vendor_module or host.cpu_flag
         return BackendChoice("kvm", f"{KVM_DEVICE} is backed by hardware virtualization ({what})")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from pyvirt.arch.x86_64.cpu_state import CpuState
 from pyvirt.devices.bus import Bus
@@ -65,6 +65,18 @@ class Vcpu(Protocol):
         """General, control and segment registers by name, for crash reports."""
         ...
 
+    def save_state(self) -> Any:
+        """The vCPU's saved state (a ``pyvirt.state`` record); only while parked."""
+        ...
+
+    def restore_state(self, state: Any) -> None:
+        """Load ``save_state``'s record (parked; the vCPU may have run before)."""
+        ...
+
+    def metrics(self) -> dict[str, int]:
+        """Monotonic counters: exits by kind (``exits_io``, ``exits_mmio``, ...)."""
+        ...
+
 
 class Vm(Protocol):
     def irq_line(self, gsi: int) -> IrqLine:
@@ -87,6 +99,12 @@ class Vm(Protocol):
         """A device wrote guest RAM from the host (any thread). The software CPU
         drops translated code there; hardware needs nothing."""
         ...
+
+    def save_state(self) -> Any:
+        """VM-level state (interrupt controllers, PIT, clock); vCPUs parked."""
+        ...
+
+    def restore_state(self, state: Any) -> None: ...
 
     def create_vcpu(self, index: int) -> Vcpu: ...
 

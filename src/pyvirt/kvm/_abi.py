@@ -308,6 +308,89 @@ class kvm_enable_cap(ctypes.Structure):
     ]
 
 
+class kvm_debugregs(ctypes.Structure):
+    _fields_ = [
+        ("db", c_uint64 * 4),
+        ("dr6", c_uint64),
+        ("dr7", c_uint64),
+        ("flags", c_uint64),
+        ("reserved", c_uint64 * 9),
+    ]
+
+
+KVM_XSAVE_REGION_WORDS = 1024  # the fixed 4 KiB; KVM_CAP_XSAVE2 may report more
+
+
+class kvm_xsave(ctypes.Structure):
+    # ``extra`` is the flexible tail KVM_GET_XSAVE2 fills when the size
+    # KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) reports is over 4096 (``flex()``).
+    _fields_ = [("region", c_uint32 * KVM_XSAVE_REGION_WORDS), ("extra", c_uint32 * 0)]
+
+
+class kvm_pic_state(ctypes.Structure):
+    _fields_ = [
+        (name, c_uint8)
+        for name in (
+            "last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select",
+            "poll", "special_mask", "init_state", "auto_eoi", "rotate_on_auto_eoi",
+            "special_fully_nested_mode", "init4", "elcr", "elcr_mask",
+        )
+    ]  # fmt: skip
+
+
+KVM_IOAPIC_NUM_PINS = 24
+
+
+class kvm_ioapic_state(ctypes.Structure):
+    # each redirection entry as its raw 64 bits (the C union's ``bits``): the
+    # bitfield view cannot be checked with offsetof, and raw bits are what we save
+    _fields_ = [
+        ("base_address", c_uint64),
+        ("ioregsel", c_uint32),
+        ("id", c_uint32),
+        ("irr", c_uint32),
+        ("pad", c_uint32),
+        ("redirtbl", c_uint64 * KVM_IOAPIC_NUM_PINS),
+    ]
+
+
+class kvm_irqchip(ctypes.Structure):
+    class _chip(ctypes.Union):
+        _fields_ = [
+            ("dummy", c_char * 512),
+            ("pic", kvm_pic_state),
+            ("ioapic", kvm_ioapic_state),
+        ]
+
+    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", _chip)]
+
+
+class kvm_pit_channel_state(ctypes.Structure):
+    _fields_ = [
+        ("count", c_uint32),
+        ("latched_count", c_uint16),
+        ("count_latched", c_uint8),
+        ("status_latched", c_uint8),
+        ("status", c_uint8),
+        ("read_state", c_uint8),
+        ("write_state", c_uint8),
+        ("write_latch", c_uint8),
+        ("rw_mode", c_uint8),
+        ("mode", c_uint8),
+        ("bcd", c_uint8),
+        ("gate", c_uint8),
+        ("count_load_time", ctypes.c_int64),
+    ]
+
+
+class kvm_pit_state2(ctypes.Structure):
+    _fields_ = [
+        ("channels", kvm_pit_channel_state * 3),
+        ("flags", c_uint32),
+        ("reserved", c_uint32 * 9),
+    ]
+
+
 # ----- struct kvm_run (the page shared with the kernel, mmap'd from the vCPU fd)
 
 
@@ -542,6 +625,7 @@ KVM_CAP_INTR_SHADOW = 49
 KVM_CAP_DEBUGREGS = 50
 KVM_CAP_XSAVE = 55
 KVM_CAP_XCRS = 56
+KVM_CAP_GET_TSC_KHZ = 61
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_TSC_CONTROL = 60
 KVM_CAP_TSC_DEADLINE_TIMER = 72
@@ -558,12 +642,17 @@ KVM_CAP_MSI_DEVID = 131
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_X86_DISABLE_EXITS = 143
 KVM_CAP_EXIT_HYPERCALL = 201
+KVM_CAP_XSAVE2 = 208
+KVM_CAP_VM_TSC_CONTROL = 214
 KVM_CAP_SYSTEM_EVENT_DATA = 215
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
 
 KVM_PIT_SPEAKER_DUMMY = 1
+
+KVM_PIT_FLAGS_HPET_LEGACY = 0x1
+KVM_PIT_FLAGS_SPEAKER_DATA_ON = 0x2
 
 KVM_MP_STATE_RUNNABLE = 0
 KVM_MP_STATE_UNINITIALIZED = 1
@@ -584,6 +673,7 @@ KVM_IRQ_ROUTING_MSI = 2
 KVM_IRQCHIP_PIC_MASTER = 0
 KVM_IRQCHIP_PIC_SLAVE = 1
 KVM_IRQCHIP_IOAPIC = 2
+KVM_NR_IRQCHIPS = 3
 
 KVM_MSI_VALID_DEVID = 1 << 0
 
@@ -597,6 +687,9 @@ KVM_VCPUEVENT_VALID_SHADOW = 0x4
 KVM_VCPUEVENT_VALID_SMM = 0x8
 KVM_VCPUEVENT_VALID_PAYLOAD = 0x10
 KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x20
+
+KVM_X86_SHADOW_INT_MOV_SS = 0x01
+KVM_X86_SHADOW_INT_STI = 0x02
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0  # sic: the kernel's spelling
 
@@ -624,6 +717,8 @@ KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, c_uint64)
 KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
 KVM_IRQ_LINE = _IOW(KVMIO, 0x61, kvm_irq_level)
+KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, kvm_irqchip)
+KVM_SET_IRQCHIP = _IOR(KVMIO, 0x63, kvm_irqchip)  # sic: _IOR in the kernel header
 KVM_IRQ_LINE_STATUS = _IOWR(KVMIO, 0x67, kvm_irq_level)
 KVM_SET_GSI_ROUTING = _IOW(KVMIO, 0x6A, kvm_irq_routing)
 KVM_IRQFD = _IOW(KVMIO, 0x76, kvm_irqfd)
@@ -631,6 +726,8 @@ KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, kvm_pit_config)
 KVM_IOEVENTFD = _IOW(KVMIO, 0x79, kvm_ioeventfd)
 KVM_SET_CLOCK = _IOW(KVMIO, 0x7B, kvm_clock_data)
 KVM_GET_CLOCK = _IOR(KVMIO, 0x7C, kvm_clock_data)
+KVM_GET_PIT2 = _IOR(KVMIO, 0x9F, kvm_pit_state2)
+KVM_SET_PIT2 = _IOW(KVMIO, 0xA0, kvm_pit_state2)
 KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, kvm_msi)
 # vCPU fd
 KVM_RUN = _IO(KVMIO, 0x80)
@@ -651,6 +748,14 @@ KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
 KVM_NMI = _IO(KVMIO, 0x9A)
 KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, kvm_vcpu_events)
+KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, kvm_debugregs)
+KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xA2, kvm_debugregs)
+KVM_SET_TSC_KHZ = _IO(KVMIO, 0xA2)
+KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
+KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, kvm_xsave)
+KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, kvm_xsave)
+KVM_KVMCLOCK_CTRL = _IO(KVMIO, 0xAD)
+KVM_GET_XSAVE2 = _IOR(KVMIO, 0xCF, kvm_xsave)
 # VM fd, and vCPU fd for vCPU capabilities
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, kvm_enable_cap)
 KVM_GET_XCRS = _IOR(KVMIO, 0xA6, kvm_xcrs)
@@ -672,7 +777,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
         kvm_pit_config, kvm_mp_state, kvm_irqfd, kvm_ioeventfd, kvm_irq_routing_irqchip,
         kvm_irq_routing_msi, kvm_irq_routing_entry, kvm_irq_routing, kvm_msi, kvm_lapic_state,
         kvm_clock_data, kvm_vcpu_events, kvm_xcr, kvm_xcrs, kvm_enable_cap,
-        kvm_debug_exit_arch, kvm_run,
+        kvm_debug_exit_arch, kvm_run, kvm_debugregs, kvm_xsave, kvm_pic_state,
+        kvm_ioapic_state, kvm_irqchip, kvm_pit_channel_state, kvm_pit_state2,
     )
 }  # fmt: skip
 
@@ -686,7 +792,10 @@ _IOCTL_NAMES = (
     "KVM_SET_SREGS", "KVM_GET_MSRS", "KVM_SET_MSRS", "KVM_GET_FPU", "KVM_SET_FPU",
     "KVM_GET_LAPIC", "KVM_SET_LAPIC", "KVM_SET_CPUID2", "KVM_GET_CPUID2", "KVM_GET_MP_STATE",
     "KVM_SET_MP_STATE", "KVM_NMI", "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS",
-    "KVM_ENABLE_CAP", "KVM_GET_XCRS", "KVM_SET_XCRS",
+    "KVM_ENABLE_CAP", "KVM_GET_XCRS", "KVM_SET_XCRS", "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP",
+    "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS",
+    "KVM_SET_TSC_KHZ", "KVM_GET_TSC_KHZ", "KVM_GET_XSAVE", "KVM_SET_XSAVE",
+    "KVM_KVMCLOCK_CTRL", "KVM_GET_XSAVE2",
 )  # fmt: skip
 #: ioctl request numbers by kernel name
 IOCTLS: dict[str, int] = {name: globals()[name] for name in _IOCTL_NAMES}
@@ -705,11 +814,11 @@ CONSTANTS: dict[str, int] = {
     k: v
     for prefix in (
         "KVM_API_VERSION", "KVMIO", "KVM_EXIT_IO_", "KVM_INTERNAL_ERROR_", "KVM_SYSTEM_EVENT_",
-        "KVM_MEM_", "KVM_PIT_SPEAKER_", "KVM_MP_STATE_", "KVM_IRQFD_FLAG_",
+        "KVM_MEM_", "KVM_PIT_SPEAKER_", "KVM_PIT_FLAGS_", "KVM_MP_STATE_", "KVM_IRQFD_FLAG_",
         "KVM_IOEVENTFD_FLAG_", "KVM_IRQ_ROUTING_", "KVM_IRQCHIP_", "KVM_MSI_VALID_",
         "KVM_CLOCK_", "KVM_VCPUEVENT_VALID_", "KVM_CPUID_FLAG_", "KVM_X2APIC_API_",
         "KVM_X86_DISABLE_EXITS_", "KVM_NR_INTERRUPTS", "KVM_APIC_REG_SIZE", "KVM_MAX_XCRS",
-        "SYNC_REGS_SIZE_BYTES",
+        "SYNC_REGS_SIZE_BYTES", "KVM_IOAPIC_NUM_PINS", "KVM_NR_IRQCHIPS", "KVM_X86_SHADOW_INT_",
     )
     for k, v in _named(prefix).items()
 }  # fmt: skip

@@ -74,7 +74,7 @@ def open_error(path: str, err: OSError) -> KvmError:
         return KvmError(
             KvmErrorKind.NO_DEVICE,
             f"{path} does not exist: KVM is not available "
-            "(load kvm_intel/kvm_amd, or use --accel emu)",
+            "(load kvm_intel/kvm_amd, or use accel emu)",
             errno=err.errno,
         )
     if isinstance(err, PermissionError):

@@ -24,14 +24,18 @@ from pyvirt.kvm._abi import (
     KVM_RUN,
     kvm_clock_data,
     kvm_cpuid_entry2,
+    kvm_debugregs,
     kvm_fpu,
     kvm_irq_routing_entry,
+    kvm_irqchip,
     kvm_lapic_state,
+    kvm_pit_state2,
     kvm_regs,
     kvm_run,
     kvm_sregs,
     kvm_vcpu_events,
     kvm_xcrs,
+    kvm_xsave,
 )
 from pyvirt.kvm._errors import KvmError, KvmErrorKind, ioctl_error, open_error
 
@@ -310,6 +314,23 @@ class VmFd(_ExtensionMixin):
     def set_clock(self, data: kvm_clock_data) -> None:
         _ioctl(self._fd, _abi.KVM_SET_CLOCK, data)
 
+    def get_irqchip(self, chip_id: int) -> kvm_irqchip:
+        """KVM_GET_IRQCHIP for ``KVM_IRQCHIP_PIC_MASTER``/``_PIC_SLAVE``/``_IOAPIC``."""
+        chip = kvm_irqchip(chip_id=chip_id)
+        _ioctl(self._fd, _abi.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: kvm_irqchip) -> None:
+        _ioctl(self._fd, _abi.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> kvm_pit_state2:
+        state = kvm_pit_state2()
+        _ioctl(self._fd, _abi.KVM_GET_PIT2, state)
+        return state
+
+    def set_pit2(self, state: kvm_pit_state2) -> None:
+        _ioctl(self._fd, _abi.KVM_SET_PIT2, state)
+
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         _ioctl(self._fd, _abi.KVM_ENABLE_CAP, _enable_cap(cap, args, flags))
 
@@ -415,6 +436,44 @@ class VcpuFd(_Fd):
 
     def set_xcrs(self, xcrs: kvm_xcrs) -> None:
         _ioctl(self._fd, _abi.KVM_SET_XCRS, xcrs)
+
+    def get_xsave(self) -> kvm_xsave:
+        """KVM_GET_XSAVE: the 4 KiB XSAVE image (fails where the guest's is larger)."""
+        xsave = kvm_xsave()
+        _ioctl(self._fd, _abi.KVM_GET_XSAVE, xsave)
+        return xsave
+
+    def get_xsave2(self, size: int) -> ctypes.Structure:
+        """KVM_GET_XSAVE2 into ``size`` bytes (the VM's KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2))."""
+        extra = max(0, size - ctypes.sizeof(kvm_xsave) + 3) // 4
+        buf = _abi.flex(kvm_xsave, extra)()
+        _ioctl(self._fd, _abi.KVM_GET_XSAVE2, buf)
+        return buf
+
+    def set_xsave(self, xsave: ctypes.Structure) -> None:
+        """KVM_SET_XSAVE; ``xsave`` must be as large as KVM's XSAVE size for this VM."""
+        _ioctl(self._fd, _abi.KVM_SET_XSAVE, xsave)
+
+    def get_debugregs(self) -> kvm_debugregs:
+        regs = kvm_debugregs()
+        _ioctl(self._fd, _abi.KVM_GET_DEBUGREGS, regs)
+        return regs
+
+    def set_debugregs(self, regs: kvm_debugregs) -> None:
+        _ioctl(self._fd, _abi.KVM_SET_DEBUGREGS, regs)
+
+    def get_tsc_khz(self) -> int:
+        """The guest TSC frequency in kHz (KVM_CAP_GET_TSC_KHZ)."""
+        return _ioctl(self._fd, _abi.KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """Scale the guest TSC to ``khz`` (KVM_CAP_TSC_CONTROL)."""
+        _ioctl(self._fd, _abi.KVM_SET_TSC_KHZ, khz)
+
+    def kvmclock_ctrl(self) -> None:
+        """Tell the guest's kvmclock it was paused (no soft-lockup warnings; KVM_CAP_KVMCLOCK_CTRL).
+        Fails with EINVAL when the guest has not enabled kvmclock."""
+        _ioctl(self._fd, _abi.KVM_KVMCLOCK_CTRL)
 
     # ----- CPUID and MSRs
 

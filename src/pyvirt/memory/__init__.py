@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import struct
 import sys
 from bisect import bisect_right
@@ -23,6 +24,43 @@ from itertools import pairwise
 from typing import NewType
 
 from pyvirt.errors import PyvirtError
+
+_MAP_FIXED = 0x10
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+
+
+def _libc_mmap(addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    return int(_libc.mmap(addr, length, prot, flags, fd, offset) or 0)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+    return done
+
+
+def _mark_file_data(resident: bytearray, fd: int, offset: int, size: int) -> None:
+    """Also mark the pages of ``fd``'s data extents in [offset, offset+size): in a
+    private file mapping, a page not in memory may still hold data from the file."""
+    page = mmap.PAGESIZE
+    pos = offset
+    end = offset + size
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            return
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        for p in range((data - offset) // page, (hole - offset + page - 1) // page):
+            resident[p] |= 1
+        pos = hole
 
 __all__ = [
     "PCI_HOLE_END",
@@ -78,12 +116,52 @@ class GuestRegion:
     def end(self) -> int:
         return self.guest_addr + self.size
 
+    #: the file this region was mapped from (MAP_PRIVATE: the guest's writes stay
+    #: in this process), and the offset in it; None for anonymous memory
+    backing_fd: int | None = None
+    file_offset: int = 0
+
     @classmethod
     def anonymous(cls, guest_addr: int, size: int) -> GuestRegion:
         m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
         host = ctypes.addressof(ctypes.c_char.from_buffer(m))
         return cls(guest_addr, size, m, host)
+
+    @classmethod
+    def from_file(cls, guest_addr: int, size: int, fd: int, offset: int) -> GuestRegion:
+        """A private mapping of ``fd`` at ``offset``: pages are read from the file
+        when the guest first touches them (a snapshot restores without reading
+        all of RAM first); guest writes copy the page and never reach the file."""
+        m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        host = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        return cls(guest_addr, size, m, host, fd, offset)
+
+    def discard(self) -> None:
+        """Give the pages back: the region reads as zeros again (its mapping, and so
+        its host address known to KVM or the engine, stays the same)."""
+        if self.backing_fd is None:
+            self.mmap.madvise(mmap.MADV_DONTNEED)
+            return
+        # MADV_DONTNEED on a private file mapping would bring the file back:
+        # put anonymous memory over it at the same address instead
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
+        got = _libc_mmap(self.host_addr, self.size, mmap.PROT_READ | mmap.PROT_WRITE,
+                         flags, -1, 0)
+        if got != self.host_addr:
+            raise OSError(ctypes.get_errno(), "mmap(MAP_FIXED) over guest RAM failed")
+        self.backing_fd = None
+        self.file_offset = 0
+
+    def resident_pages(self) -> bytearray:
+        """One byte per page, bit 0 set where the page is in memory (mincore):
+        pages the guest never touched need not be read to be known zero."""
+        pages = (self.size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(ctypes.c_void_p(self.host_addr), ctypes.c_size_t(self.size), vec):
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return bytearray(vec)
 
 
 class GuestMemory:
@@ -102,18 +180,74 @@ class GuestMemory:
         self._v32 = [v.cast("I") for v in self._views]
         self._v64 = [v.cast("Q") for v in self._views]
 
-    @classmethod
-    def create(cls, size: int) -> GuestMemory:
-        """Anonymous RAM of ``size`` bytes, split around the PCI hole."""
+    @staticmethod
+    def layout(size: int) -> list[tuple[int, int]]:
+        """(guest address, size) of each region for ``size`` bytes of RAM."""
         if size <= 0 or size % mmap.PAGESIZE:
             raise ValueError(
                 f"guest memory size {size} must be a positive multiple of the page size")
         if size <= PCI_HOLE_START:
-            return cls([GuestRegion.anonymous(0, size)])
-        return cls([
-            GuestRegion.anonymous(0, PCI_HOLE_START),
-            GuestRegion.anonymous(PCI_HOLE_END, size - PCI_HOLE_START),
-        ])
+            return [(0, size)]
+        return [(0, PCI_HOLE_START), (PCI_HOLE_END, size - PCI_HOLE_START)]
+
+    @classmethod
+    def create(cls, size: int, *, backing_fd: int | None = None) -> GuestMemory:
+        """RAM of ``size`` bytes, split around the PCI hole: anonymous, or a private
+        mapping of ``backing_fd`` (regions one after another in the file, as
+        ``dump`` writes them)."""
+        if backing_fd is None:
+            return cls([GuestRegion.anonymous(a, n) for a, n in cls.layout(size)])
+        regions, offset = [], 0
+        try:
+            for a, n in cls.layout(size):
+                regions.append(GuestRegion.from_file(a, n, backing_fd, offset))
+                offset += n
+        except BaseException:
+            for r in regions:
+                r.mmap.close()
+            raise
+        return cls(regions)
+
+    def discard(self) -> None:
+        """All RAM reads as zeros again, at the same host addresses (a reset in place)."""
+        for r in self.regions:
+            r.discard()
+
+    def dump(self, fd: int, *, page_check: int = 1 << 16) -> int:
+        """Write all RAM to ``fd`` (regions one after another, from offset 0) as a
+        sparse file: the file is sized first and only non-zero pages are written,
+        so untouched and zero pages cost neither time nor disk. Returns the bytes
+        written. Pages the guest never touched (mincore) are not even read."""
+        total = self.size
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, total)
+        page = mmap.PAGESIZE
+        zero = bytes(page_check)
+        written = 0
+        base = 0
+        for r, view in zip(self.regions, self._views, strict=True):
+            resident = r.resident_pages()
+            if r.backing_fd is not None:
+                _mark_file_data(resident, r.backing_fd, r.file_offset, r.size)
+            per = page_check // page
+            for block in range(0, r.size, page_check):
+                first = block // page
+                if not any(resident[first:first + per]):
+                    continue
+                chunk = view[block:block + page_check]
+                if chunk == zero[:len(chunk)]:
+                    continue
+                # write runs of non-zero pages in this block
+                run_start = -1
+                for off in range(0, len(chunk) + page, page):
+                    nonzero = off < len(chunk) and chunk[off:off + page] != zero[:page]
+                    if nonzero and run_start < 0:
+                        run_start = off
+                    elif not nonzero and run_start >= 0:
+                        written += _pwrite_all(fd, chunk[run_start:off], base + block + run_start)
+                        run_start = -1
+            base += r.size
+        return written
 
     @property
     def size(self) -> int:

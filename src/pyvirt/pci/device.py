@@ -9,6 +9,12 @@ BARs are declared with ``add_bar``; the root complex (``pyvirt.pci.root``)
 places them, and maps/unmaps them on the MMIO bus whenever the guest moves a
 BAR or flips the command register's decode bits, calling ``bar_moved`` so a
 device can re-register its ioeventfds.
+
+Saved state: ``save_pci_state``/``restore_pci_state`` (``PciState``) carry the
+whole configuration space; BAR placement and decoding are in it (the BAR
+registers and the command register), so restoring puts each BAR back on the
+bus where the record says, or takes it off. A device type adds its own state
+on top and calls these from its ``save_state``/``restore_state``.
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from pyvirt.devices.bus import BusDevice
+from pyvirt.devices.statecheck import check_bytes
+from pyvirt.state import StateError, check_version
 
-__all__ = ["CONFIG_SPACE_SIZE", "Bar", "BarKind", "PciDevice"]
+__all__ = ["CONFIG_SPACE_SIZE", "Bar", "BarKind", "PciDevice", "PciState"]
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +95,16 @@ class Bar:
 ConfigHook = Callable[[int, int], None]
 
 
+@dataclass(frozen=True)
+class PciState:
+    version: int
+    config: bytes  # the whole 4 KiB configuration space
+
+
 class PciDevice:
     """One PCI function with a type 0 header. Subclasses add BARs and capabilities."""
+
+    PCI_STATE_VERSION: ClassVar[int] = 1
 
     def __init__(self, *, vendor_id: int, device_id: int, class_code: int, revision: int = 0,
                  subsystem_vendor_id: int = 0, subsystem_id: int = 0,
@@ -237,3 +254,46 @@ class PciDevice:
     @property
     def command(self) -> int:
         return self.get(COMMAND, 2)
+
+    # ---- saved state (the VM is paused)
+
+    def save_pci_state(self) -> PciState:
+        """The configuration space, BAR placement and decode bits included."""
+        with self.lock:
+            return PciState(version=self.PCI_STATE_VERSION, config=bytes(self.config))
+
+    def check_pci_state(self, state: PciState) -> bytes:
+        """Validate ``state`` for this function without changing anything (a device
+        checks all its parts before restoring any); returns the config bytes."""
+        part = f"pci {self.name}"
+        check_version(part, state.version, self.PCI_STATE_VERSION)
+        config = check_bytes(part, "config", state.config, length=CONFIG_SPACE_SIZE)
+        with self.lock:
+            # all 4096 bytes at once, as little-endian integers (bit 8*off is byte off)
+            writable = int.from_bytes(self.wmask, "little") | int.from_bytes(self.w1c, "little")
+            writable |= STATUS_INTERRUPT << (8 * STATUS)  # the device drives it
+            diff = int.from_bytes(config, "little") ^ int.from_bytes(self.config, "little")
+            diff &= ~writable
+        if diff:
+            off = ((diff & -diff).bit_length() - 1) // 8
+            raise StateError(
+                f"{part}: saved state field config[{off:#x}] = {config[off]:#x} "
+                f"differs from this device's read-only bits ({self.config[off]:#x})")
+        return config
+
+    def restore_pci_state(self, state: PciState) -> None:
+        """Load the configuration space and map or unmap the BARs to match it.
+
+        Every bit the guest cannot write (identity, class, BAR types and sizes,
+        the capability list) must equal this function's: a record of another
+        device or layout is refused with a ``StateError`` naming the offset.
+        Write hooks are not called: a device restores what they drive (MSI-X,
+        ...) from its own state.
+        """
+        config = self.check_pci_state(state)
+        with self.lock:
+            self.config[:] = config
+            for bar in self.bars.values():
+                bar.address = self.bar_address(bar)
+        if self.on_decode_change is not None:
+            self.on_decode_change(self)

@@ -9,6 +9,12 @@ unmask sends what is pending, as 6.8.2.9 requires.
 A route (``MsiRoute``, from the hypervisor) is created per vector when the
 table is set up; a changed address/data is pushed to it lazily, on the next
 send, so programming the table costs no hypervisor call.
+
+Saved state (``MsixState``): the table, the PBA, the enable and function mask
+bits. Restoring programs the route of every vector whose entry is unmasked at
+once (``MsiRoute.update``), as a guest write followed by a send would; masked
+ones stay lazy. The owning device restores its configuration space (where the
+capability's Message Control lives) with ``PciDevice.restore_pci_state``.
 """
 
 from __future__ import annotations
@@ -16,10 +22,14 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 from pyvirt.devices.irq import MsiRoute
+from pyvirt.devices.statecheck import check_bool, check_bytes, check_int
+from pyvirt.state import StateError, check_version
 
-__all__ = ["MSIX_CAP_ID", "NO_VECTOR", "MsixTable"]
+__all__ = ["MSIX_CAP_ID", "NO_VECTOR", "MsixState", "MsixTable"]
 
 MSIX_CAP_ID = 0x11
 NO_VECTOR = 0xFFFF  # virtio's VIRTIO_MSI_NO_VECTOR
@@ -29,7 +39,20 @@ CTRL_FUNCTION_MASK = 1 << 14
 VECTOR_MASKED = 1
 
 
+@dataclass(frozen=True)
+class MsixState:
+    version: int
+    num_vectors: int
+    table: bytes  # num_vectors entries of 16 bytes: address lo/hi, data, vector control
+    pba: bytes  # pending bits, bit v = vector v, as the guest reads the PBA
+    enabled: bool
+    function_masked: bool
+
+
 class MsixTable:
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type] = MsixState
+
     def __init__(self, num_vectors: int, route_factory: Callable[[], MsiRoute]) -> None:
         if not 1 <= num_vectors <= 2048:
             raise ValueError("MSI-X supports 1-2048 vectors")
@@ -98,12 +121,67 @@ class MsixTable:
         if n not in (4, 8) or offset % n or offset + n > self.pba_size:
             data[:] = b"\xff" * n
             return
-        bits = 0
         with self._lock:
-            for i, p in enumerate(self.pending):
-                if p:
-                    bits |= 1 << i
+            bits = self._pba_bits()
         data[:] = ((bits >> (8 * offset)) & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+
+    def _pba_bits(self) -> int:
+        bits = 0
+        for i, p in enumerate(self.pending):
+            if p:
+                bits |= 1 << i
+        return bits
+
+    # ---- saved state (the VM is paused)
+
+    def save_state(self) -> MsixState:
+        with self._lock:
+            return MsixState(version=self.STATE_VERSION, num_vectors=self.num_vectors,
+                             table=bytes(self.table),
+                             pba=self._pba_bits().to_bytes(self.pba_size, "little"),
+                             enabled=self.enabled, function_masked=self.function_masked)
+
+    def check_state(self, state: MsixState) -> None:
+        """Validate ``state`` without changing anything (``restore_state`` checks too)."""
+        self._checked(state)
+
+    def restore_state(self, state: MsixState) -> None:
+        table, pending, unmasked = self._checked(state)
+        with self._lock:
+            self.table[:] = table
+            self.pending = pending
+            self.enabled, self.function_masked = state.enabled, state.function_masked
+            self._dirty = [True] * self.num_vectors
+            for v in unmasked:
+                route = self._routes[v]
+                if route is None:
+                    route = self._routes[v] = self._route_factory()
+                addr_lo, addr_hi, data, _ = struct.unpack_from("<IIII", table, v * ENTRY_SIZE)
+                route.update(addr_lo | (addr_hi << 32), data)
+                self._dirty[v] = False
+
+    def _checked(self, state: MsixState) -> tuple[bytes, list[bool], list[int]]:
+        """(table, pending bits, unmasked vectors) of a valid record."""
+        part = "msix"
+        check_version(part, state.version, self.STATE_VERSION)
+        check_int(part, "num_vectors", state.num_vectors, self.num_vectors, self.num_vectors)
+        table = check_bytes(part, "table", state.table, length=self.table_size)
+        pba = int.from_bytes(check_bytes(part, "pba", state.pba, length=self.pba_size),
+                             "little")
+        if pba >> self.num_vectors:
+            raise StateError(f"{part}: saved state field pba has bits beyond vector "
+                             f"{self.num_vectors - 1}")
+        enabled = check_bool(part, "enabled", state.enabled)
+        function_masked = check_bool(part, "function_masked", state.function_masked)
+        pending = [bool(pba >> v & 1) for v in range(self.num_vectors)]
+        unmasked = [v for v in range(self.num_vectors)
+                    if not table[v * ENTRY_SIZE + 12] & VECTOR_MASKED]
+        if enabled and not function_masked:
+            for v in unmasked:
+                if pending[v]:  # an unmask sends what is pending: never saved like this
+                    raise StateError(f"{part}: saved state field pba has vector {v} "
+                                     "pending while it is unmasked")
+        return table, pending, unmasked
 
     # ---- sending
 

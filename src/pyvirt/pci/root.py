@@ -15,6 +15,15 @@ and decoding, and INTx routing.
   the DSDT's ``_PRT`` tells the guest.
 
 Only function 0 of each of the 32 device slots is populated.
+
+A BAR that cannot be decoded where the guest put it (it overlaps another
+range) is tried again whenever a mapping leaves the bus, so a guest (or a
+restore) that swaps two BARs through an overlapping step ends with both
+decoded, as on hardware.
+
+Saved state (``PciRootState``): the host bridge's configuration space and the
+CONFIG_ADDRESS register. Each plugged function saves its own (``PciDevice.
+save_pci_state`` from its ``save_state``).
 """
 
 from __future__ import annotations
@@ -23,20 +32,24 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from pyvirt.arch.x86_64 import layout
 from pyvirt.devices.bus import Bus, BusOverlapError
 from pyvirt.devices.irq import IrqLine
-from pyvirt.pci.device import CMD_IO, CMD_MEMORY, Bar, BarKind, PciDevice
+from pyvirt.devices.statecheck import check_bits
+from pyvirt.pci.device import CMD_IO, CMD_MEMORY, Bar, BarKind, PciDevice, PciState
+from pyvirt.state import check_version
 
 __all__ = ["BarAllocator", "ConfigAddressPort", "ConfigDataPort", "Ecam", "HostBridge",
-           "PciRoot", "intx_gsi"]
+           "PciRoot", "PciRootState", "intx_gsi"]
 
 log = logging.getLogger(__name__)
 
 NUM_SLOTS = 32
 CONFIG_ADDRESS_PORT = 0xCF8
 CONFIG_DATA_PORT = 0xCFC
+_CONFIG_ADDRESS_MASK = 0x80FF_FFFC  # enable, bus, device, function, dword register
 
 # The host bridge's identity: Red Hat's "QEMU PCIe Host bridge" IDs are the
 # ones guests know for a generic virtual bridge; class 06/00/00 (host bridge).
@@ -81,11 +94,23 @@ class BarAllocator:
         raise ValueError(f"no room for a {size:#x}-byte BAR in the PCI windows")
 
 
+@dataclass(frozen=True)
+class PciRootState:
+    version: int
+    host_bridge: PciState
+    config_address: int  # the 0xCF8 register
+
+
 class PciRoot:
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type] = PciRootState
+
     def __init__(self, mmio: Bus, irq_line: Callable[[int], IrqLine], ram_end: int) -> None:
         self.mmio = mmio
         self._irq_line = irq_line
         self.slots: list[PciDevice | None] = [None] * NUM_SLOTS
+        #: 0xCF8, put on the port bus by ``attach_pci_root``
+        self.config_address = ConfigAddressPort()
         self.mmio64_window = layout.pci_mmio64_window(ram_end)
         start64, size64 = self.mmio64_window
         self.allocator = BarAllocator((layout.PCI_MMIO32_START, layout.PCI_MMIO32_END),
@@ -135,11 +160,40 @@ class PciRoot:
         if dev is not None:
             dev.config_write(reg, size, value)
 
+    # ---- saved state (the VM is paused)
+
+    def save_state(self) -> PciRootState:
+        bridge = self.slots[0]
+        assert bridge is not None
+        return PciRootState(version=self.STATE_VERSION, host_bridge=bridge.save_pci_state(),
+                            config_address=self.config_address.value)
+
+    def restore_state(self, state: PciRootState) -> None:
+        check_version("pci", state.version, self.STATE_VERSION)
+        value = check_bits("pci", "config_address", state.config_address,
+                           _CONFIG_ADDRESS_MASK)
+        bridge = self.slots[0]
+        assert bridge is not None
+        bridge.restore_pci_state(state.host_bridge)
+        self.config_address.value = value
+
     # ---- BAR decoding
 
     def _update_decoding(self, dev: PciDevice) -> None:
-        moves: list[tuple[Bar, int | None, int | None]] = []
-        with self._map_lock, dev.lock:
+        with self._map_lock:
+            moves = self._decode(dev)
+            if any(old is not None for _, _, old, _ in moves):
+                # A range left the bus: a BAR that overlapped it may fit now.
+                for other in self.slots:
+                    if other is not None and other is not dev:
+                        moves += self._decode(other)
+        for d, bar, old, new in moves:
+            d.bar_moved(bar, old, new)
+
+    def _decode(self, dev: PciDevice) -> list[tuple[PciDevice, Bar, int | None, int | None]]:
+        """Map ``dev``'s BARs as its registers say (``_map_lock`` held); the moves made."""
+        moves: list[tuple[PciDevice, Bar, int | None, int | None]] = []
+        with dev.lock:
             command = dev.command
             for bar in dev.bars.values():
                 enabled = bool(command & (CMD_IO if bar.kind is BarKind.IO else CMD_MEMORY))
@@ -159,9 +213,8 @@ class PciRoot:
                     except BusOverlapError as exc:
                         log.info("%s BAR%d not decoded: %s", dev.name, bar.index, exc)
                 if bar.mapped_at != old:
-                    moves.append((bar, old, bar.mapped_at))
-        for bar, old, new in moves:
-            dev.bar_moved(bar, old, new)
+                    moves.append((dev, bar, old, bar.mapped_at))
+        return moves
 
     @staticmethod
     def _plausible(addr: int, size: int) -> bool:
@@ -184,7 +237,7 @@ class ConfigAddressPort:
 
     def write(self, offset: int, data: memoryview) -> None:
         if offset == 0 and len(data) == 4:
-            self.value = int.from_bytes(data, "little") & 0x80FF_FFFC
+            self.value = int.from_bytes(data, "little") & _CONFIG_ADDRESS_MASK
 
 
 class ConfigDataPort:
@@ -240,7 +293,7 @@ def attach_pci_root(pio: Bus, mmio: Bus, irq_line: Callable[[int], IrqLine],
                     ram_end: int) -> PciRoot:
     """Create bus 0 and put both configuration mechanisms on the buses."""
     root = PciRoot(mmio, irq_line, ram_end)
-    addr = ConfigAddressPort()
+    addr = root.config_address
     pio.insert(addr, CONFIG_ADDRESS_PORT, 1, "pci-config-address")
     pio.insert(ConfigDataPort(root, addr), CONFIG_DATA_PORT, 4, "pci-config-data")
     mmio.insert(Ecam(root), layout.PCI_ECAM_ADDR, layout.PCI_ECAM_SIZE, "pci-ecam")

@@ -88,6 +88,9 @@ class SandboxPolicy:
     read_only: tuple[Path, ...] = ()
     read_write: tuple[Path, ...] = ()
     devices: tuple[Path, ...] = ()
+    #: directories beneath which files and directories may be created, written,
+    #: renamed and removed (where snapshots go)
+    write_trees: tuple[Path, ...] = ()
     #: test-only: deny with EPERM instead of killing the process
     seccomp_kill: bool = True
 
@@ -123,9 +126,11 @@ def runtime_read_paths() -> list[Path]:
     return out
 
 
-def policy_for_vm(config: VmConfig, *, mode: SandboxMode, kvm: bool) -> SandboxPolicy:
+def policy_for_vm(config: VmConfig, *, mode: SandboxMode, kvm: bool,
+                  snapshot_root: Path | None = None) -> SandboxPolicy:
     """The policy of a VMM running ``config``: its kernel, initrd, disks (by
-    path; read-only disks read-only), console file, and /dev/kvm under KVM."""
+    path; read-only disks read-only), console file, /dev/kvm under KVM, and the
+    directory snapshots may be written beneath."""
     from pyvirt.paths import cache_dir
 
     ro: list[Path] = [config.kernel]
@@ -143,8 +148,9 @@ def policy_for_vm(config: VmConfig, *, mode: SandboxMode, kvm: bool) -> SandboxP
     devices = [Path("/dev/null")]
     if kvm:
         devices.append(Path("/dev/kvm"))
+    trees = (snapshot_root,) if snapshot_root is not None else ()
     return SandboxPolicy(mode=mode, read_only=tuple(ro), read_write=tuple(rw),
-                         devices=tuple(devices))
+                         devices=tuple(devices), write_trees=trees)
 
 
 def _threads() -> int:
@@ -163,6 +169,8 @@ def _rules(policy: SandboxPolicy) -> Iterator[PathRule]:
         yield ll.PathRule(p, ll.FS_READ_WRITE_FILE)
     for p in policy.devices:
         yield ll.PathRule(p, ll.FS_READ_WRITE_FILE)
+    for p in policy.write_trees:
+        yield ll.PathRule(p, ll.FS_WRITE_TREE)
 
 
 def unavailable() -> dict[str, str]:

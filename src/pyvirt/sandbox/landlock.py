@@ -26,6 +26,7 @@ __all__ = [
     "FS_READ",
     "FS_READ_FILE",
     "FS_READ_WRITE_FILE",
+    "FS_WRITE_TREE",
     "LandlockError",
     "PathRule",
     "abi_version",
@@ -70,6 +71,10 @@ FS_READ = READ_FILE | READ_DIR
 #: a disk image or console file: read, write, truncate, and device ioctls
 #: (a disk may be a block device; /dev/kvm lives on its ioctls)
 FS_READ_WRITE_FILE = READ_FILE | WRITE_FILE | TRUNCATE | IOCTL_DEV
+#: a directory snapshots are written beneath: make and remove files and
+#: directories, rename within it (REFER), read and write the files
+FS_WRITE_TREE = (READ_FILE | READ_DIR | WRITE_FILE | TRUNCATE | MAKE_DIR | MAKE_REG
+                 | REMOVE_DIR | REMOVE_FILE | REFER)
 
 
 class LandlockError(OSError):

@@ -68,7 +68,16 @@ PATHS_NOT_TRACED: dict[str, str] = {
     "dup3": "os.dup2",
     "mremap": "realloc of large buffers (guest reads into bytes)",
     "sched_getaffinity": "os.cpu_count in lazily imported code",
-    # the API server to come listens on an AF_UNIX socket (socket/socketpair below)
+    # snapshots (pyvirt.vmm.snapshot): a temporary directory renamed into place
+    "mkdir": "snapshot directory", "mkdirat": "snapshot directory",
+    "rename": "snapshot rename into place", "renameat": "snapshot rename into place",
+    "renameat2": "snapshot rename into place",
+    "unlink": "replacing an old snapshot", "unlinkat": "replacing an old snapshot",
+    "rmdir": "replacing an old snapshot",
+    "ftruncate": "sizing the sparse memory file",
+    "mincore": "skipping guest pages never touched when writing memory",
+    "fchmod": "the API socket's mode", "umask": "the API socket's mode",
+    # the control API listens on an AF_UNIX socket (socket/socketpair below)
     "bind": "AF_UNIX API socket", "listen": "AF_UNIX API socket",
     "accept4": "AF_UNIX API socket", "connect": "AF_UNIX API socket",
     "sendto": "AF_UNIX API socket", "recvfrom": "AF_UNIX API socket",

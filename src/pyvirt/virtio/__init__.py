@@ -4,7 +4,8 @@
   ``VIRTIO_RING_F_EVENT_IDX``; every index, address and length the driver
   gives is checked before use.
 - ``device``: what a device type implements (features, config space, queue
-  work) and the per-device I/O thread that waits on the queues' eventfds.
+  work, saved state) and ``QueueWorker``, which runs that work on the VMM's
+  shared event loop when the queues' eventfds fire.
 - ``pci``: the virtio-over-PCI transport (4.1): capabilities, common config,
   ISR, notifications (ioeventfd under KVM), MSI-X or INTx interrupts.
 - ``blk``, ``rng``, ``console``: the device types.

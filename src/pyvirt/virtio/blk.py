@@ -38,17 +38,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pyvirt.devices.guestlog import guest_faults
 from pyvirt.errors import UserInputError
 from pyvirt.hostfile import FileIdentity, identity, open_host_file
 from pyvirt.memory import GuestMemory
+from pyvirt.state import StateError
 from pyvirt.virtio import DEVICE_ID_BLOCK
 from pyvirt.virtio.device import Transport, VirtioDevice
 from pyvirt.virtio.queue import Chain, SplitQueue
 
-__all__ = ["BlockDevice", "DiskError", "DiskImage"]
+__all__ = ["BlockDevice", "BlockState", "DiskError", "DiskImage"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ MAX_DISCARD_SEG = 32
 #: worker idle for WORKER_IDLE_S seconds ends (as in QEMU's pool).
 WORKERS = 32
 WORKER_IDLE_S = 10.0
-#: the largest request the I/O thread runs itself (see BlockDevice.process)
+#: the largest read the event loop thread serves itself from the page cache
+#: (see BlockDevice.process)
 INLINE_MAX = 64 * 1024
 
 # feature bits (5.2.3)
@@ -249,8 +251,21 @@ class _Request:
     length: int = 0  # bytes of payload (sum of data), computed once in _parse
 
 
+@dataclass(frozen=True)
+class BlockState:
+    """virtio-blk: nothing in flight (I/O is paused before a save); the disk's
+    size, which a restore requires unchanged (the guest knows its capacity),
+    and the cache mode the driver chose."""
+
+    version: int
+    disk_size: int
+    writeback: int
+
+
 class BlockDevice(VirtioDevice):
     device_id = DEVICE_ID_BLOCK
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type[BlockState]] = BlockState
     name = "virtio-blk"
     pci_class = 0x010000  # mass storage, SCSI (as QEMU presents virtio-blk)
 
@@ -274,6 +289,9 @@ class BlockDevice(VirtioDevice):
         self._jobs: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._idle = threading.Condition()
         self._in_flight = 0
+        self._starved = False  # process() stopped for lack of room (guarded by _idle)
+        #: the largest lone read served on the loop thread itself (0: none, see process)
+        self.inline_max = INLINE_MAX
         self._max_workers = max(1, workers)
         self._pool_lock = threading.Lock()
         self._threads: list[threading.Thread] = []  # guarded by _pool_lock
@@ -282,6 +300,8 @@ class BlockDevice(VirtioDevice):
         self._worker_seq = 0
         self._bounce = threading.local()
         self.errors = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
         self._logged: set[str] = set()
         #: completed requests by type, for tests and statistics
         self.stats: dict[str, int] = {"read": 0, "write": 0, "flush": 0, "other": 0, "failed": 0}
@@ -315,13 +335,43 @@ class BlockDevice(VirtioDevice):
         super().activate(transport, queues, driver_features)
         self.mem = transport.memory
 
-    def quiesce(self) -> None:
+    def quiesce(self, timeout: float = 30.0) -> bool:
         with self._idle:
-            self._idle.wait_for(lambda: self._in_flight == 0, timeout=30)
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout=timeout)
 
     def reset(self) -> None:
         super().reset()
         self.writeback = 1
+        with self._idle:
+            self._starved = False
+
+    # ---- saved state and metrics
+
+    def save_state(self) -> BlockState:
+        with self._idle:
+            busy = self._in_flight
+        if busy:  # pause_io drains them; a host I/O stall can outlast its wait
+            raise StateError(f"{self.name}: {busy} requests still in flight; the state "
+                             "cannot be saved (host I/O stalled?)")
+        return BlockState(self.STATE_VERSION, self.image.size, self.writeback)
+
+    def check_state(self, state: BlockState) -> None:
+        from pyvirt.devices.statecheck import check_int
+
+        super().check_state(state)
+        check_int(self.name, "disk_size", state.disk_size, 0, (1 << 63) - 1)
+        check_int(self.name, "writeback", state.writeback, 0, 1)
+        if state.disk_size != self.image.size:
+            raise StateError(f"{self.name}: size changed: {self.image.path} has "
+                             f"{self.image.size} bytes, the saved state {state.disk_size}")
+
+    def restore_state(self, state: BlockState) -> None:
+        self.check_state(state)
+        self.writeback = state.writeback
+
+    def metrics(self) -> dict[str, int]:
+        return {"bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
+                "errors": self.errors}
 
     def close(self) -> None:
         self.quiesce()
@@ -335,7 +385,7 @@ class BlockDevice(VirtioDevice):
                 t.join(5)
         # the image is not ours to close: it belongs to the VM and outlives this device
 
-    # ---- the I/O thread: parse, then hand over to a worker
+    # ---- the event loop thread: parse, then hand over to a worker
 
     def process(self, q: SplitQueue) -> None:
         transport = self.transport
@@ -347,11 +397,13 @@ class BlockDevice(VirtioDevice):
             # At most a ring's worth of requests in flight: a driver cannot have
             # more, and a hostile one re-posting busy heads must not grow the
             # job queue (and the worker pool's backlog) without bound.
+            # The loop thread must not wait for room: it stops taking chains, and
+            # the request that makes room asks for this queue's work again.
             with self._idle:
                 room = q.size - self._in_flight
                 if room <= 0:
-                    self._idle.wait_for(lambda: self._in_flight < q.size, timeout=1.0)
-                    continue
+                    self._starved = True
+                    return
             while len(batch) < room and (chain := q.pop()) is not None:
                 req = self._parse(mem, q, chain)
                 if req is not None:
@@ -360,13 +412,13 @@ class BlockDevice(VirtioDevice):
                 with self._idle:
                     busy = self._in_flight
                     self._in_flight += len(batch)
-                # A lone small request with nothing else in flight (queue depth 1)
-                # runs here: that spares a thread hand-off. Anything else goes to
-                # the workers, so this thread is back on the ring at once and
-                # the host sees the whole queue depth.
-                if len(batch) == 1 and not busy and batch[0].length <= INLINE_MAX:
-                    self._run_one(batch[0])
-                else:
+                # A lone small read with nothing else in flight (queue depth 1) is
+                # served here when the page cache holds it (RWF_NOWAIT: the loop,
+                # shared by every device and the console, never waits for a disk);
+                # that spares a thread hand-off (~1.4x the IOPS at depth 1).
+                # Anything else goes to the workers, so this thread is back on the
+                # ring at once and the host sees the whole queue depth.
+                if not (len(batch) == 1 and not busy and self._run_cached(batch[0])):
                     for req in batch:
                         self._jobs.put(req)
                     self._grow_pool()
@@ -459,9 +511,32 @@ class BlockDevice(VirtioDevice):
                 with self._pool_lock:
                     self._waiting += 1
 
-    def _run_one(self, req: _Request) -> None:
+    def _run_cached(self, req: _Request) -> bool:
+        """Serve a small, valid read from the page cache without blocking; False
+        (nothing completed) when it is not all cached or not such a read."""
+        img, length = self.image, req.length
+        offset = req.sector * SECTOR
+        if (req.type != T_IN or img.direct or not 0 < length <= self.inline_max
+                or length % SECTOR or req.sector >= 1 << 55 or offset + length > img.size
+                or self.mem is None or self.transport is None):
+            return False
+        assert req.data is not None
         try:
-            status, written = self._execute(req)
+            views = [self.mem.view(a, n) for a, n in req.data]
+            if os.preadv(img.fd, views, offset, os.RWF_NOWAIT) != length:
+                return False  # partly cached: a worker reads it all again
+        except OSError:  # EAGAIN: not cached; anything else the worker reports
+            return False
+        for a, n in req.data:
+            self.transport.note_dma_write(a, n)
+        self.stats["read"] += 1
+        self.bytes_read += length
+        self._run_one(req, (S_OK, length))
+        return True
+
+    def _run_one(self, req: _Request, result: tuple[int, int] | None = None) -> None:
+        try:
+            status, written = self._execute(req) if result is None else result
         except Exception as exc:  # a bug here must fail the request, not the VM
             log.exception("%s: request failed", self.name)
             self._note(f"internal error: {exc}", host=True)
@@ -471,7 +546,12 @@ class BlockDevice(VirtioDevice):
         finally:
             with self._idle:
                 self._in_flight -= 1
-                self._idle.notify_all()  # quiesce() waits for 0, process() for room
+                self._idle.notify_all()  # quiesce() waits for 0
+                wake = self._starved and self._in_flight < req.queue.size
+                if wake:
+                    self._starved = False
+            if wake and self.transport is not None:
+                self.transport.requeue(req.queue)  # room again: take more chains
 
     def _finish(self, req: _Request, status: int, written: int) -> None:
         transport, mem = self.transport, self.mem
@@ -502,11 +582,13 @@ class BlockDevice(VirtioDevice):
                 if req.type == T_IN:
                     self._rw(req.data, offset, write=False)
                     self.stats["read"] += 1
+                    self.bytes_read += length
                     return S_OK, length
                 self._rw(req.data, offset, write=True)
                 if not self.writeback:
                     os.fdatasync(img.fd)
                 self.stats["write"] += 1
+                self.bytes_written += length
                 return S_OK, 0
             except OSError as exc:
                 self._note(f"host I/O error at byte {offset}: {exc.strerror}", host=True)

@@ -4,8 +4,8 @@ Queue 0 (receiveq) carries input to the guest, queue 1 (transmitq) its
 output; with ``VIRTIO_CONSOLE_F_MULTIPORT`` queues 2 and 3 are the control
 receiveq/transmitq (5.3.2). Input from the user is buffered here (up to
 ``INPUT_LIMIT`` bytes; ``enqueue_input`` says how much it took, like the
-serial port) and handed to the I/O thread through an eventfd, which copies it
-into whatever receive buffers the driver has posted.
+serial port) and handed to the event loop through an eventfd; the device's
+handler there copies it into whatever receive buffers the driver has posted.
 
 When input may go out: only once the driver says port 0 is open. Linux's
 driver (drivers/char/virtio_console.c, v6.1) posts its receive buffers in
@@ -31,6 +31,8 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 from pyvirt.devices.guestlog import guest_faults
 from pyvirt.virtio import DEVICE_ID_CONSOLE
@@ -45,7 +47,7 @@ from pyvirt.virtio.device import (
 )
 from pyvirt.virtio.queue import Chain, SplitQueue
 
-__all__ = ["F_MULTIPORT", "INPUT_LIMIT", "ConsoleDevice"]
+__all__ = ["F_MULTIPORT", "INPUT_LIMIT", "ConsoleDevice", "ConsoleState"]
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,23 @@ DEVICE_READY, DEVICE_ADD, DEVICE_REMOVE, PORT_READY, CONSOLE_PORT, RESIZE, PORT_
 _CONTROL_BACKLOG = 32
 
 
+@dataclass(frozen=True)
+class ConsoleState:
+    """virtio-console: the MULTIPORT handshake's progress (port 0 opened by the
+    driver, control replies waiting for buffers) and the input not yet handed
+    to the guest."""
+
+    version: int
+    port_open: bool
+    replies: tuple[bytes, ...]
+    backlog_full: bool
+    pending_input: bytes
+
+
 class ConsoleDevice(VirtioDevice):
     device_id = DEVICE_ID_CONSOLE
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type[ConsoleState]] = ConsoleState
     name = "virtio-console"
     pci_class = 0x078000  # communication controller, other
     features = 1 << F_MULTIPORT
@@ -77,11 +94,13 @@ class ConsoleDevice(VirtioDevice):
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._rx: SplitQueue | None = None
         self._ctrl_rx: SplitQueue | None = None
-        # I/O thread only (and reset, with that thread stopped):
+        # the loop thread only (and reset/restore, with the queue work stopped):
         self._multiport = False
         self._port_open = False  # the driver opened port 0: input may go out
         self._replies: deque[bytes] = deque()
         self._backlog_full = False
+        self.tx_bytes = 0  # guest output
+        self.rx_bytes = 0  # input handed to the guest
 
     def config_space(self) -> bytes:
         return struct.pack("<HHII", 0, 0, 1, 0)  # cols, rows, max_nr_ports, emerg_wr
@@ -133,6 +152,7 @@ class ConsoleDevice(VirtioDevice):
     def _output(self, transport: Transport, chain: Chain) -> int:
         data = copy_from_chain(transport.memory, chain, limit=1 << 20)
         if data:
+            self.tx_bytes += len(data)
             self._write(data)
         return 0
 
@@ -209,6 +229,7 @@ class ConsoleDevice(VirtioDevice):
             with self._lock:
                 n = copy_to_chain(transport.memory, chain, self._input[:chain.writable_len])
                 del self._input[:n]
+            self.rx_bytes += n
             for addr, length in chain.writable:
                 transport.note_dma_write(addr, length)
             out.add(chain.head, n)
@@ -220,6 +241,39 @@ class ConsoleDevice(VirtioDevice):
         self._multiport = self._port_open = False
         self._backlog_full = False
         self._replies.clear()  # input stays: it was typed for whatever driver comes next
+
+    # -- saved state and metrics ------------------------------------------------
+
+    def save_state(self) -> ConsoleState:
+        with self._lock:
+            pending = bytes(self._input)
+        return ConsoleState(self.STATE_VERSION, self._port_open, tuple(self._replies),
+                            self._backlog_full, pending)
+
+    def check_state(self, state: ConsoleState) -> None:
+        from pyvirt.devices.statecheck import check_bool, check_bytes, check_int
+
+        super().check_state(state)
+        check_bool(self.name, "port_open", state.port_open)
+        check_bool(self.name, "backlog_full", state.backlog_full)
+        check_int(self.name, "len(replies)", len(state.replies), 0, _CONTROL_BACKLOG)
+        for i, msg in enumerate(state.replies):
+            check_bytes(self.name, f"replies[{i}]", msg, length=_CONTROL.size)
+        check_bytes(self.name, "pending_input", state.pending_input, max_len=INPUT_LIMIT)
+
+    def restore_state(self, state: ConsoleState) -> None:
+        """After ``activate`` when the record is DRIVER_OK, else after ``reset``."""
+        self.check_state(state)
+        self._port_open = state.port_open
+        self._replies = deque(state.replies)
+        self._backlog_full = state.backlog_full
+        with self._lock:
+            self._input = bytearray(state.pending_input)
+        if self._input:  # handed out once the queue work runs again
+            os.eventfd_write(self._wake, 1)
+
+    def metrics(self) -> dict[str, int]:
+        return {"tx_bytes": self.tx_bytes, "rx_bytes": self.rx_bytes}
 
     def close(self) -> None:
         if self._wake >= 0:

@@ -1,16 +1,23 @@
-"""What a virtio device type implements, and the thread its queue work runs on.
+"""What a virtio device type implements, and how its queue work runs.
 
 A device type (``blk``, ``rng``, ``console``) subclasses ``VirtioDevice``:
 its feature bits, its config space, and ``process(queue)``, called on the
-device's own I/O thread (``QueueWorker``) when the driver notifies a queue.
-It talks back through the ``Transport`` it is given at activation:
-``complete`` returns a chain to the used ring and interrupts the driver when
-the ring's suppression rules allow; ``needs_reset`` breaks the device when
-the driver broke a queue.
+VMM's event loop thread (``QueueWorker`` registers the queues' eventfds
+there) when the driver notifies a queue. It talks back through the
+``Transport`` it is given at activation: ``complete`` returns a chain to the
+used ring and interrupts the driver when the ring's suppression rules allow;
+``needs_reset`` breaks the device when the driver broke a queue; ``requeue``
+runs a queue's work again later (a device that stopped taking chains for
+lack of room).
 
-Threads: vCPU threads only touch the transport's registers; the I/O thread
+Threads: vCPU threads only touch the transport's registers; the loop thread
 pops chains; a device may complete chains from other threads of its own (the
-block device's workers) — the used ring is guarded by the queue's lock.
+block device's workers) — the used ring is guarded by the queue's lock. Queue
+work must not block the loop: it is shared by every device and the console.
+
+Saved state: each device type has a record (``STATE_VERSION``,
+``state_type``, ``save_state``/``restore_state``, see ``pyvirt.state``),
+saved by the transport with I/O paused; the base class has none to keep.
 """
 
 from __future__ import annotations
@@ -18,17 +25,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import threading
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pyvirt.devices.guestlog import guest_faults
 from pyvirt.memory import GuestMemory
+from pyvirt.state import check_version
 from pyvirt.virtio.queue import Chain, QueueBroken, SplitQueue
 
-__all__ = ["Completions", "QueueWorker", "Transport", "VirtioDevice", "copy_from_chain",
-           "copy_to_chain", "next_chain", "serve_queue"]
+if TYPE_CHECKING:
+    from pyvirt.eventloop import EventLoop, Token
+
+__all__ = ["Completions", "NoDeviceState", "QueueWorker", "Transport", "VirtioDevice",
+           "copy_from_chain", "copy_to_chain", "next_chain", "serve_queue"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +57,21 @@ class Transport(Protocol):
 
     def config_changed(self) -> None: ...
 
+    def requeue(self, queue: SplitQueue) -> None:
+        """Run the device's ``process(queue)`` again on the loop (any thread)."""
+        ...
+
+    def note_error(self) -> None:
+        """Count a request the device failed (metrics)."""
+        ...
+
+
+@dataclass(frozen=True)
+class NoDeviceState:
+    """The state of a device type that keeps none of its own (virtio-rng)."""
+
+    version: int
+
 
 class VirtioDevice:
     """Base class of device types; see the module docstring."""
@@ -55,6 +81,8 @@ class VirtioDevice:
     pci_class = 0x00FF00
     #: feature bits of the device type (the transport adds VERSION_1 & co)
     features = 0
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type[Any]] = NoDeviceState
 
     def __init__(self, queue_sizes: Sequence[int]) -> None:
         self.queue_sizes = list(queue_sizes)
@@ -75,14 +103,33 @@ class VirtioDevice:
         self.driver_features = driver_features
 
     def process(self, queue: SplitQueue) -> None:
-        """The driver notified ``queue`` (I/O thread). Raise ``QueueBroken`` if it broke it."""
+        """The driver notified ``queue`` (event loop thread; must not block). Raise
+        ``QueueBroken`` if the driver broke it."""
 
     def extra_fds(self) -> list[tuple[int, Callable[[], None]]]:
-        """More fds for the I/O thread to wait on (e.g. console input) with handlers."""
+        """More eventfds for the loop to wait on (e.g. console input) with handlers."""
         return []
 
-    def quiesce(self) -> None:
-        """Before a reset: finish or drop requests in flight (I/O thread stopped)."""
+    def quiesce(self, timeout: float = 30.0) -> bool:
+        """Wait up to ``timeout`` s for requests in flight on the device's own threads
+        (queue work already stopped); False if some are still running."""
+        return True
+
+    def save_state(self) -> Any:
+        """The device type's state (I/O paused: nothing in flight)."""
+        return NoDeviceState(self.STATE_VERSION)
+
+    def check_state(self, state: Any) -> None:
+        """``StateError`` unless ``state`` fits this device (changes nothing)."""
+        check_version(self.name, state.version, self.STATE_VERSION)
+
+    def restore_state(self, state: Any) -> None:
+        """Called after ``reset`` (and ``activate`` when the record is DRIVER_OK)."""
+        self.check_state(state)
+
+    def metrics(self) -> dict[str, int]:
+        """The device type's own counters (bytes moved ...), see ``VirtioPciDevice.metrics``."""
+        return {}
 
     def reset(self) -> None:
         self.transport = None
@@ -155,6 +202,7 @@ def next_chain(q: SplitQueue, name: str, out: Completions) -> Chain | None:
         if chain.error is None:
             return chain
         guest_faults.warning(log, name, "%s: bad descriptor chain: %s", name, chain.error)
+        out.transport.note_error()
         out.add(chain.head, 0)
 
 
@@ -169,58 +217,102 @@ def serve_queue(transport: Transport, q: SplitQueue, name: str,
 
 
 class QueueWorker:
-    """The I/O thread of one device: waits on its queues' eventfds and runs
-    ``device.process``. A broken queue puts the device in NEEDS_RESET."""
+    """The queue work of one device, run on the VMM's shared event loop.
+
+    ``start`` registers the queues' notify eventfds (and the device's extra
+    fds) on the loop and kicks every queue once, through its own eventfd, so
+    the first pass runs on the loop thread like every other (a notification
+    may have come before the registration). ``stop`` removes them: when it
+    returns no handler of this device runs, and none will (``EventLoop.remove``).
+    Both may be called repeatedly (pause and resume). Handlers of one device
+    never run concurrently: the loop has one thread.
+
+    A broken queue (``QueueBroken``) or a bug in device code (any other
+    exception) puts the device in NEEDS_RESET; the loop never sees the
+    exception, and the device's handlers only drain their eventfds from then
+    on (all fds registered here are eventfds) until the driver resets it.
+    With ``loop=None`` nothing is registered: the caller drives ``call`` and
+    ``_process`` itself (the fuzz harness).
+    """
 
     def __init__(self, name: str, device: VirtioDevice, queues: Sequence[SplitQueue],
-                 fds: Sequence[int], on_broken: Callable[[str], None]) -> None:
+                 fds: Sequence[int], on_broken: Callable[[str], None],
+                 loop: EventLoop | None = None,
+                 on_notify: Callable[[int], None] | None = None) -> None:
+        self.name = name
         self.device = device
         self.queues = list(queues)
         self.fds = list(fds)
         self.on_broken = on_broken
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._broken = False
+        self.loop = loop
+        self.on_notify = on_notify
+        self.broken = False
+        self._lock = threading.Lock()  # guards _tokens (start/stop from any thread)
+        self._tokens: list[Token] = []
+        #: queues kicked by us (start, requeue), not by the driver: not counted
+        self._self_kicks = [False] * len(self.queues)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tokens)
 
     def start(self) -> None:
-        self._thread.start()
+        loop = self.loop
+        if loop is None:
+            raise RuntimeError(f"{self.name}: no event loop to run on")
+        with self._lock:
+            if self._tokens:
+                return
+            try:
+                for q, fd in zip(self.queues, self.fds, strict=True):
+                    self._tokens.append(loop.add(fd, self._queue_handler(q, fd),
+                                                 name=f"{self.name}-q{q.index}"))
+                for fd, fn in self.device.extra_fds():
+                    self._tokens.append(loop.add(fd, self._extra_handler(fd, fn),
+                                                 name=f"{self.name}-extra"))
+            except BaseException:
+                tokens, self._tokens = self._tokens, []
+                for tok in tokens:
+                    loop.remove(tok)
+                raise
+        for q in self.queues:
+            self.kick(q)
 
     def stop(self) -> None:
-        os.eventfd_write(self._stop_fd, 1)
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
-        os.close(self._stop_fd)
+        with self._lock:
+            tokens, self._tokens = self._tokens, []
+        if self.loop is not None:
+            for tok in tokens:
+                self.loop.remove(tok)
 
-    def _run(self) -> None:
-        ep = select.epoll()
-        handlers: dict[int, Callable[[], None]] = {}
-        try:
-            ep.register(self._stop_fd, select.EPOLLIN)
-            for q, fd in zip(self.queues, self.fds, strict=True):
-                ep.register(fd, select.EPOLLIN)
-                handlers[fd] = self._queue_handler(q, fd)
-            for fd, fn in self.device.extra_fds():
-                ep.register(fd, select.EPOLLIN)
-                handlers[fd] = fn
-            # a notification may have come before the thread existed
-            for q in self.queues:
-                self._process(q)
-            while True:
-                for fd, _ in ep.poll():
-                    if fd == self._stop_fd:
-                        return
-                    self.call(handlers[fd])
-        except Exception as exc:  # a VMM bug: break this device, keep the VM
-            log.exception("%s: I/O thread failed", self.device.name)
-            self.on_broken(f"internal error: {exc}")
-        finally:
-            ep.close()
+    def kick(self, q: SplitQueue) -> None:
+        """Run ``q``'s work again on the loop (any thread). Nothing runs while stopped:
+        the eventfd keeps the kick for the next ``start``, which kicks every queue."""
+        self._self_kicks[q.index] = True
+        with contextlib.suppress(OSError):  # closed: the device is going away
+            os.eventfd_write(self.fds[q.index], 1)
 
-    def _queue_handler(self, q: SplitQueue, fd: int) -> Callable[[], None]:
-        def handle() -> None:
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(fd)
+    def _queue_handler(self, q: SplitQueue, fd: int) -> Callable[[int], None]:
+        def handle(events: int) -> None:
+            try:
+                n = os.eventfd_read(fd)
+            except BlockingIOError:
+                n = 0
+            if self._self_kicks[q.index]:
+                self._self_kicks[q.index] = False
+                n -= 1
+            if n > 0 and self.on_notify is not None:
+                self.on_notify(n)
             self._process(q)
+        return handle
+
+    def _extra_handler(self, fd: int, fn: Callable[[], None]) -> Callable[[int], None]:
+        def handle(events: int) -> None:
+            if self.broken:  # the device's handler would drain it; it no longer runs
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(fd)
+                return
+            self.call(fn)
         return handle
 
     def _process(self, q: SplitQueue) -> None:
@@ -229,11 +321,15 @@ class QueueWorker:
 
     def call(self, handler: Callable[[], None]) -> None:
         """Run one handler (queue work or an extra fd's, e.g. console input filling the
-        receive queue): a ring the driver broke puts the device in NEEDS_RESET."""
-        if self._broken:
+        receive queue): a ring the driver broke, or a bug, puts the device in NEEDS_RESET."""
+        if self.broken:
             return
         try:
             handler()
         except QueueBroken as exc:
-            self._broken = True
+            self.broken = True
             self.on_broken(str(exc))
+        except Exception as exc:  # a VMM bug: break this device, keep the loop and the VM
+            log.exception("%s: queue work failed", self.name)
+            self.broken = True
+            self.on_broken(f"internal error: {exc}")

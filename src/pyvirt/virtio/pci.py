@@ -14,8 +14,16 @@ PCI IDs: vendor 0x1AF4, device 0x1040 + the device ID, revision 1.
 Notifications: each queue has an eventfd. Under KVM it is registered as an
 ioeventfd on the queue's notify address, so a driver's kick never leaves the
 kernel; otherwise the MMIO write arrives here and we signal the eventfd.
-Either way the device's I/O thread wakes up. Interrupts: the queue's MSI-X
-vector when MSI-X is on, else INTx (ISR bit 0 and the level-triggered line).
+Either way the VMM's event loop runs the queue's work: the eventfds are
+registered on the shared loop at DRIVER_OK and removed at reset (and while
+I/O is paused, ``pause_io``). Interrupts: the queue's MSI-X vector when
+MSI-X is on, else INTx (ISR bit 0 and the level-triggered line).
+
+Saved state (``save_state``/``restore_state``, with vCPUs parked and I/O
+paused): the PCI function (config space, BARs, MSI-X table), the transport's
+registers, each queue's configuration and ring indices, and the device type's
+own record. Restoring a record into a device that ran (a reset in place)
+first stops whatever the device was doing.
 """
 
 from __future__ import annotations
@@ -25,13 +33,24 @@ import os
 import struct
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from pyvirt.devices.guestlog import guest_faults
 from pyvirt.devices.irq import IrqLine
 from pyvirt.hypervisor.base import Vm
 from pyvirt.memory import GuestMemory
-from pyvirt.pci.device import CMD_INTX_DISABLE, STATUS, STATUS_INTERRUPT, Bar, BarKind, PciDevice
-from pyvirt.pci.msix import MSIX_CAP_ID, NO_VECTOR, MsixTable
+from pyvirt.pci.device import (
+    CMD_INTX_DISABLE,
+    STATUS,
+    STATUS_INTERRUPT,
+    Bar,
+    BarKind,
+    PciDevice,
+    PciState,
+)
+from pyvirt.pci.msix import MSIX_CAP_ID, NO_VECTOR, MsixState, MsixTable
+from pyvirt.state import StateError, check_version
 from pyvirt.virtio import (
     F_EVENT_IDX,
     F_INDIRECT_DESC,
@@ -41,9 +60,12 @@ from pyvirt.virtio import (
     STATUS_FEATURES_OK,
 )
 from pyvirt.virtio.device import QueueWorker, VirtioDevice
-from pyvirt.virtio.queue import QueueBroken, SplitQueue
+from pyvirt.virtio.queue import QueueBroken, QueueState, SplitQueue
 
-__all__ = ["VirtioPciDevice"]
+if TYPE_CHECKING:
+    from pyvirt.eventloop import EventLoop
+
+__all__ = ["VirtioPciDevice", "VirtioPciState"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +97,34 @@ for _name, _fmt in zip(_FIELDS, "IIIIHHBBHHHHHQQQHH", strict=True):
 assert _o == COMMON_LEN
 
 
+#: how long ``pause_io`` waits for requests in flight on the host
+PAUSE_DRAIN_S = 10.0
+
+
+@dataclass(frozen=True)
+class VirtioPciState:
+    """One virtio-pci function: PCI config space (BARs included) and MSI-X, the
+    transport's registers, its queues and the device type's own record (encoded:
+    each type has its own record class)."""
+
+    version: int
+    pci: PciState
+    msix: MsixState
+    status: int
+    dfselect: int
+    gfselect: int
+    driver_features: int
+    config_msix: int
+    qselect: int
+    generation: int
+    isr: int
+    intx_level: bool
+    #: the queue work stopped because the driver broke a queue (until a reset)
+    io_broken: bool
+    queues: tuple[QueueState, ...]
+    device: bytes
+
+
 class _Bar0:
     """BAR0's bus device: dispatches to the structure at each offset."""
 
@@ -89,8 +139,11 @@ class _Bar0:
 
 
 class VirtioPciDevice(PciDevice):
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type[VirtioPciState]] = VirtioPciState
+
     def __init__(self, device: VirtioDevice, *, vm: Vm, memory: GuestMemory,
-                 intx: IrqLine, name: str | None = None) -> None:
+                 intx: IrqLine, loop: EventLoop, name: str | None = None) -> None:
         super().__init__(vendor_id=VIRTIO_VENDOR, device_id=0x1040 + device.device_id,
                          class_code=device.pci_class, revision=1,
                          subsystem_vendor_id=VIRTIO_VENDOR, subsystem_id=VIRTIO_SUBSYSTEM_ID,
@@ -99,6 +152,7 @@ class VirtioPciDevice(PciDevice):
         self.vm = vm
         self.memory = memory
         self.intx = intx
+        self.loop = loop
         guest_faults.forget(self.name)  # a new device: a new budget of warnings
         nq = len(device.queue_sizes)
         if not 1 <= nq <= 254:
@@ -110,12 +164,21 @@ class VirtioPciDevice(PciDevice):
                                 | 1 << F_EVENT_IDX)
         self._vlock = threading.RLock()
         self._isr_lock = threading.Lock()
-        # status and generation as device threads change them: never _vlock there, a
-        # reset holds _vlock while it joins the I/O thread
+        # status and generation as the queue work changes them: never _vlock there, a
+        # reset holds _vlock while it waits for the device's running handler
         self._status_lock = threading.Lock()
         self.isr = 0
+        self._intx_level = False  # guarded by _isr_lock
         self._ioeventfd_at: int | None = None
+        # _worker exists from DRIVER_OK to reset; it runs (is registered on the loop)
+        # unless I/O is paused. Both change under _vlock.
         self._worker: QueueWorker | None = None
+        self._paused = False
+        # metrics (plain counters; a torn read is harmless)
+        self._notifications = 0
+        self._interrupts = 0
+        self._requests = 0
+        self._errors = 0
         self._reset_state()
         self.bar = self.add_bar(BAR_INDEX, BAR_SIZE, BarKind.MEM64, _Bar0(self),
                                 prefetchable=True)
@@ -332,28 +395,69 @@ class VirtioPciDevice(PciDevice):
                 if not new & STATUS_FEATURES_OK:
                     new &= ~STATUS_DRIVER_OK
                 else:
-                    # a driver that clears DRIVER_OK and sets it again gets no second I/O thread
+                    # a driver that clears DRIVER_OK and sets it again: still one worker
                     activate = self._worker is None
             self.status = new
         if activate:
             self._activate()
 
     def _activate(self) -> None:
-        self.device.activate(self, self.queues, self.driver_features)
-        self._worker = QueueWorker(f"{self.name}-io", self.device, self.queues,
-                                   self.notify_fds, self.needs_reset)
-        self._worker.start()
+        with self._vlock:
+            self.device.activate(self, self.queues, self.driver_features)
+            self._worker = self._new_worker()
+            if not self._paused:
+                self._worker.start()
 
-    def _reset(self) -> None:
+    def _new_worker(self) -> QueueWorker:
+        return QueueWorker(self.name, self.device, self.queues, self.notify_fds,
+                           self.needs_reset, self.loop, self._count_notify)
+
+    def _count_notify(self, n: int) -> None:
+        self._notifications += n
+
+    def _stop_io(self) -> None:
+        """No queue work runs when this returns; requests the device's own threads
+        still run (virtio-blk) may complete."""
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.stop()
-        self.device.quiesce()
-        self.device.reset()
-        self._reset_state()
-        with self._isr_lock:
-            self.isr = 0
-            self.intx.set_level(False)
+
+    def _reset(self) -> None:
+        with self._vlock:
+            self._stop_io()
+            self.device.quiesce()
+            self.device.reset()
+            self._reset_state()
+            with self._isr_lock:
+                self.isr = 0
+                self._set_intx(False)
+
+    # ---- pausing device I/O (the VM is paused: vCPUs parked)
+
+    def pause_io(self) -> None:
+        """Stop taking work and wait (up to ``PAUSE_DRAIN_S``) for requests in
+        flight; from then on the device touches neither guest memory nor its
+        interrupt until ``resume_io``. Kicks that come meanwhile wait in the
+        queues' eventfds."""
+        with self._vlock:
+            self._paused = True
+            if self._worker is not None:
+                self._worker.stop()
+            drained = self.device.quiesce(PAUSE_DRAIN_S)
+        if not drained:
+            log.warning("%s: requests still in flight %.0f s after pausing I/O (host I/O "
+                        "stalled?)", self.name, PAUSE_DRAIN_S)
+
+    def resume_io(self) -> None:
+        """Take work again: each queue is processed once (kicks during the pause)."""
+        with self._vlock:
+            self._paused = False
+            if self._worker is not None:
+                self._worker.start()
+
+    @property
+    def io_paused(self) -> bool:
+        return self._paused
 
     # ---- what the device and its threads call (the Transport protocol)
 
@@ -364,6 +468,7 @@ class VirtioPciDevice(PciDevice):
             for head, written in done:
                 queue.push(head, written)
             due = queue.needs_interrupt()
+        self._requests += len(done)
         if due:
             self._interrupt(queue.msix_vector, 1)
 
@@ -377,6 +482,14 @@ class VirtioPciDevice(PciDevice):
     def note_dma_write(self, gpa: int, size: int) -> None:
         self.vm.note_dma_write(gpa, size)
 
+    def requeue(self, queue: SplitQueue) -> None:
+        worker = self._worker
+        if worker is not None:
+            worker.kick(queue)
+
+    def note_error(self) -> None:
+        self._errors += 1
+
     def config_changed(self) -> None:
         with self._status_lock:
             self.generation += 1
@@ -388,16 +501,121 @@ class VirtioPciDevice(PciDevice):
         if self.msix.enabled:
             if vector != NO_VECTOR:
                 self.msix.notify(vector)
+                self._interrupts += 1
             return
         with self._isr_lock:
             self.isr |= isr_bit
-            self.intx.set_level(not self.command & CMD_INTX_DISABLE)
+            self._set_intx(not self.command & CMD_INTX_DISABLE)
+        self._interrupts += 1
+
+    def _set_intx(self, level: bool) -> None:
+        """Drive the INTx line (call with ``_isr_lock``)."""
+        self._intx_level = level
+        self.intx.set_level(level)
 
     def _read_isr(self) -> int:
         with self._isr_lock:
             value, self.isr = self.isr, 0
-            self.intx.set_level(False)
+            self._set_intx(False)
         return value
+
+    # ---- metrics
+
+    def metrics(self) -> dict[str, int]:
+        """Counters since the device was created: queue notifications from the
+        driver, interrupts sent, requests completed, requests failed, and the
+        device type's own (bytes moved)."""
+        out = {"notifications": self._notifications, "interrupts": self._interrupts,
+               "requests": self._requests, "errors": self._errors}
+        for key, value in self.device.metrics().items():
+            out[key] = out.get(key, 0) + value
+        return out
+
+    # ---- saved state (vCPUs parked, I/O paused)
+
+    def save_state(self) -> VirtioPciState:
+        from pyvirt.state import encode
+
+        pci = self.save_pci_state()  # before _vlock: the config lock comes first
+        with self._vlock:
+            device = encode(self.device.save_state())
+            with self._isr_lock:
+                isr, level = self.isr, self._intx_level
+            worker = self._worker
+            return VirtioPciState(
+                self.STATE_VERSION, pci, self.msix.save_state(),
+                self.status, self.dfselect, self.gfselect, self.driver_features,
+                self.config_msix, self.qselect, self.generation & 0xFFFF_FFFF, isr, level,
+                worker is not None and worker.broken,
+                tuple(q.save_state() for q in self.queues), device)
+
+    def restore_state(self, state: VirtioPciState) -> None:
+        """Become exactly what ``state`` says. Every field is checked before anything
+        changes (``StateError`` naming the device and the field). A device that ran is
+        stopped first; a DRIVER_OK record gets its queues back on the event loop
+        (unless I/O is paused: then at ``resume_io``)."""
+        from pyvirt.devices.statecheck import check_bits, check_bool, check_int
+        from pyvirt.state import decode
+
+        part = self.name
+        check_version(part, state.version, self.STATE_VERSION)
+        status = check_int(part, "status", state.status, 0, 0xFF)
+        for name in ("dfselect", "gfselect"):
+            check_int(part, name, getattr(state, name), 0, 0xFFFF_FFFF)
+        features = check_bits(part, "driver_features", state.driver_features,
+                              self.device_features)
+        check_int(part, "qselect", state.qselect, 0, 0xFFFF)
+        check_int(part, "generation", state.generation, 0, 0xFFFF_FFFF)
+        check_int(part, "isr", state.isr, 0, 3)
+        check_bool(part, "intx_level", state.intx_level)
+        check_bool(part, "io_broken", state.io_broken)
+        for name, vector in [("config_msix", state.config_msix)] + [
+                (f"queues[{i}].msix_vector", q.msix_vector) for i, q in enumerate(state.queues)]:
+            if vector != NO_VECTOR:
+                check_int(part, name, vector, 0, self.msix.num_vectors - 1)
+        driver_ok = bool(status & STATUS_DRIVER_OK)
+        if driver_ok and not (status & STATUS_FEATURES_OK and features >> F_VERSION_1 & 1):
+            raise StateError(f"{part}: saved state has DRIVER_OK without accepted features "
+                             f"(status {status:#x}, features {features:#x})")
+        if len(state.queues) != len(self.queues):
+            raise StateError(f"{part}: saved state has {len(state.queues)} queues; this "
+                             f"device has {len(self.queues)}")
+        for i, (q, qs) in enumerate(zip(self.queues, state.queues, strict=True)):
+            q.check_state(qs, self.memory, part=part, field=f"queues[{i}]")
+        dev_state = decode(state.device, self.device.state_type, part=f"{part} device")
+        self.device.check_state(dev_state)
+        # config space and BARs first, outside _vlock (lock order: config lock, then
+        # _vlock); a moved BAR re-registers the ioeventfds through bar_moved. Then the
+        # MSI-X table, which re-programs the routes of its unmasked vectors.
+        try:
+            self.restore_pci_state(state.pci)
+            self.msix.restore_state(state.msix)
+        except StateError as exc:
+            raise StateError(f"{part}: {exc}") from None
+        with self._vlock:
+            self._stop_io()
+            self.device.quiesce()
+            self.device.reset()
+            self._reset_state()
+            self.status = status
+            self.dfselect, self.gfselect = state.dfselect, state.gfselect
+            self.driver_features = features
+            self.config_msix = state.config_msix
+            self.qselect = state.qselect
+            self.generation = state.generation
+            for i, (q, qs) in enumerate(zip(self.queues, state.queues, strict=True)):
+                q.restore_state(qs, self.memory, part=part, field=f"queues[{i}]")
+            with self._isr_lock:
+                self.isr = state.isr
+                self._set_intx(state.intx_level)
+            if driver_ok:
+                self.device.activate(self, self.queues, features)
+            self.device.restore_state(dev_state)
+            if driver_ok:
+                self._worker = self._new_worker()
+                self._worker.broken = state.io_broken
+                if not self._paused:
+                    self._worker.start()
 
     def close(self) -> None:
         self._reset()

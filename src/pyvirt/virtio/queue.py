@@ -26,10 +26,12 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from pyvirt.memory import GuestMemory
+from pyvirt.state import StateError, check_version
 
-__all__ = ["Chain", "QueueBroken", "SplitQueue", "full_fence"]
+__all__ = ["Chain", "QueueBroken", "QueueState", "SplitQueue", "full_fence"]
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -75,8 +77,31 @@ class Chain:
         return sum(n for _, n in self.writable)
 
 
+@dataclass(frozen=True)
+class QueueState:
+    """One virtqueue: its configuration and the device's side of the ring
+    (the indices live in guest RAM too, but these are the device's shadows)."""
+
+    version: int
+    size: int
+    ready: bool
+    msix_vector: int
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+    indirect: bool
+    event_idx: bool
+    last_avail: int
+    used_idx: int
+    signalled_used: int
+    signalled_valid: bool
+
+
 class SplitQueue:
     """Configuration (written through the transport) and the ring state."""
+
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type[QueueState]] = QueueState
 
     def __init__(self, index: int, max_size: int) -> None:
         if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
@@ -105,6 +130,16 @@ class SplitQueue:
 
     def activate(self, mem: GuestMemory, *, indirect: bool, event_idx: bool) -> None:
         """Check the driver's ring addresses and start using them."""
+        self._check_rings(mem)
+        self.mem = mem
+        self.indirect = indirect
+        self.event_idx = event_idx
+        # a freshly enabled queue starts at index 0 on both sides (2.7.6, 2.7.8)
+        self.last_avail = self.used_idx = 0
+        self._signalled_used, self._signalled_valid = 0, False
+        self.ready = True
+
+    def _check_rings(self, mem: GuestMemory) -> None:
         n = self.size
         if not n or n & (n - 1) or n > self.max_size:
             raise QueueBroken(f"queue {self.index}: size {n} is not a power of two "
@@ -119,13 +154,60 @@ class SplitQueue:
             if not mem.check_range(addr, length):
                 raise QueueBroken(f"queue {self.index}: {what} {addr:#x}+{length:#x} "
                                   "is not in guest RAM")
-        self.mem = mem
-        self.indirect = indirect
-        self.event_idx = event_idx
-        # a freshly enabled queue starts at index 0 on both sides (2.7.6, 2.7.8)
-        self.last_avail = self.used_idx = 0
-        self._signalled_used, self._signalled_valid = 0, False
-        self.ready = True
+
+    # ---- saved state
+
+    def save_state(self) -> QueueState:
+        with self.lock:
+            return QueueState(self.STATE_VERSION, self.size, self.ready, self.msix_vector,
+                              self.desc_addr, self.avail_addr, self.used_addr, self.indirect,
+                              self.event_idx, self.last_avail, self.used_idx,
+                              self._signalled_used, self._signalled_valid)
+
+    def restore_state(self, state: QueueState, mem: GuestMemory, *, part: str,
+                      field: str) -> None:
+        """Take ``state`` (checked as hostile data: ``StateError`` naming ``part`` and
+        ``field``); a ready queue uses its rings in ``mem`` from now on."""
+        self.check_state(state, mem, part=part, field=field)
+        with self.lock:
+            self.reset()
+            self.size = state.size
+            self.msix_vector = state.msix_vector
+            self.desc_addr, self.avail_addr, self.used_addr = (
+                state.desc_addr, state.avail_addr, state.used_addr)
+            self.indirect, self.event_idx = state.indirect, state.event_idx
+            self.last_avail, self.used_idx = state.last_avail, state.used_idx
+            self._signalled_used = state.signalled_used
+            self._signalled_valid = state.signalled_valid
+            if state.ready:
+                self.mem = mem
+                self.ready = True
+
+    def check_state(self, state: QueueState, mem: GuestMemory, *, part: str,
+                    field: str) -> None:
+        """``StateError`` unless ``state`` could be this queue's (changes nothing)."""
+        from pyvirt.devices.statecheck import check_bool, check_int
+
+        check_version(f"{part} {field}", state.version, self.STATE_VERSION)
+        n = check_int(part, f"{field}.size", state.size, 1, self.max_size)
+        if n & (n - 1):
+            raise StateError(f"{part}: saved state field {field}.size = {n} is not a power "
+                             "of two")
+        for name in ("last_avail", "used_idx", "signalled_used", "msix_vector"):
+            check_int(part, f"{field}.{name}", getattr(state, name), 0, 0xFFFF)
+        for name in ("desc_addr", "avail_addr", "used_addr"):
+            check_int(part, f"{field}.{name}", getattr(state, name), 0, (1 << 64) - 1)
+        for name in ("ready", "indirect", "event_idx", "signalled_valid"):
+            check_bool(part, f"{field}.{name}", getattr(state, name))
+        if state.ready:
+            probe = SplitQueue(self.index, self.max_size)
+            probe.size = n
+            probe.desc_addr, probe.avail_addr, probe.used_addr = (
+                state.desc_addr, state.avail_addr, state.used_addr)
+            try:
+                probe._check_rings(mem)
+            except QueueBroken as exc:
+                raise StateError(f"{part}: saved state field {field}: {exc}") from None
 
     # ---- the available side
 

@@ -1,8 +1,22 @@
-"""Validated VM configuration: what ``pyvirt run`` (and later the API) hands the builder.
+"""The VM configuration: one document, what the command line, a config file and the API
+hand the builder.
 
-Configuration is data: a frozen ``VmConfig`` checked once at the edge. Every
-problem raises ``ConfigError`` whose message names the offending option, so
-the CLI can print one line and exit 2.
+Configuration is data: a frozen ``VmConfig`` tree (``ConsoleSpec``, ``DiskSpec``)
+that is also a JSON document (``to_dict``/``to_json``, ``from_dict``/``from_json``;
+the keys are the field names). Checking it happens in two steps:
+
+- constructing a ``VmConfig`` checks the values alone (ranges, choices, counts,
+  serial format, NUL bytes in paths): pure, the same on any host;
+- ``check_host(config)`` checks it against this host (the files exist and can
+  be opened as needed, the memory fits in RAM, no disk image is given twice,
+  the console file can be created); ``run_vm`` calls it first.
+
+Every problem raises ``ConfigError`` whose ``field`` is the path of the field
+(``disks[1].path``, ``console.kind``) and whose message starts with it. Nothing
+here names a command-line flag: the CLI translates field paths back to the flags
+the user typed (``parse_size``, ``parse_console`` and ``parse_disk`` are the CLI's
+parsers and name flags). Import-light: on the VMM's start-up path (no msgspec,
+no json until a document is read or written).
 """
 
 from __future__ import annotations
@@ -13,7 +27,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
 from pyvirt.errors import UserInputError
 from pyvirt.hostfile import FileIdentity, describe_mode, identity
@@ -26,6 +40,7 @@ __all__ = [
     "OnReboot",
     "SandboxSetting",
     "VmConfig",
+    "check_host",
     "host_memory_bytes",
     "parse_console",
     "parse_disk",
@@ -36,39 +51,53 @@ Accel = Literal["auto", "kvm", "emu"]
 OnReboot = Literal["restart", "exit"]
 #: pyvirt.sandbox: "auto" applies what the host supports, "on" all of it or fails
 SandboxSetting = Literal["auto", "on", "off"]
+ConsoleKind = Literal["stdio", "virtio", "none", "file"]
+CacheMode = Literal["none", "writeback"]
 
 MIN_MEMORY = 16 << 20  # below this Linux cannot even unpack an initramfs
 MAX_CPUS_HARD = 255  # xAPIC IDs / our MADT; KVM may allow fewer
+MAX_DISKS = 24
+#: a configuration document is a few hundred bytes; this bounds what a file or an
+#: API body can make us parse
+MAX_DOCUMENT = 1 << 20
 
 
 class ConfigError(UserInputError):
-    """A configuration value the user gave cannot be used."""
+    """A configuration value the user gave cannot be used.
+
+    ``field`` is the path of the offending field (``disks[1].path``), or None
+    where the problem is not one field's (a document that is not JSON); the
+    message then starts with it: ``disks[1].path: /x.img: no such file``.
+    ``detail`` is the message without the path.
+    """
+
+    def __init__(self, detail: str, field: str | None = None) -> None:
+        super().__init__(f"{field}: {detail}" if field else detail)
+        self.field = field
+        self.detail = detail
+
+    def within(self, prefix: str) -> ConfigError:
+        """The same error one level down: ``serial`` within ``disks[1]``."""
+        if not self.field:
+            return ConfigError(self.detail, prefix)
+        sep = "" if self.field.startswith("[") else "."
+        return ConfigError(self.detail, f"{prefix}{sep}{self.field}")
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+def _enum_error(name: str, value: object, choices: tuple[str, ...]) -> ConfigError:
+    words = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+    shown = f" (not {value!r})" if isinstance(value, str) and len(value) <= 40 else ""
+    return ConfigError(f"expected {words}{shown}", name)
 
 
-def parse_size(text: str, *, what: str = "--memory") -> int:
-    """Parse '512M', '2G', '1GiB', '2048' (MiB, as QEMU's -m) into bytes."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ConfigError(
-            f"{what} {text!r}: not a size (use a number with an optional K, M, G or T suffix)")
-    n = int(m.group(1))
-    return n * _UNITS[m.group(2).upper()]
+def _no_nul(path: Path | str, name: str) -> None:
+    """No file name holds a NUL byte; os.stat would raise ValueError on one
+    (argv cannot carry it, but a JSON config or the API can)."""
+    if "\0" in str(path):
+        raise ConfigError("the path contains a NUL byte", name)
 
 
-def host_memory_bytes() -> int:
-    """Physical RAM of the host (MemTotal)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+# ---- the configuration tree: values only (see check_host for the host)
 
 
 @dataclass(frozen=True)
@@ -76,61 +105,26 @@ class ConsoleSpec:
     """Where the guest's console goes: the terminal, nowhere, or a file; ``virtio``
     is the terminal through virtio-console (hvc0) instead of the serial port."""
 
-    kind: Literal["stdio", "none", "file", "virtio"]
+    kind: ConsoleKind
     path: Path | None = None
 
-
-def parse_console(text: str) -> ConsoleSpec:
-    if text == "stdio":
-        return ConsoleSpec("stdio")
-    if text == "none":
-        return ConsoleSpec("none")
-    if text == "virtio":
-        return ConsoleSpec("virtio")
-    if text.startswith("file:") and len(text) > 5:
-        path = Path(text[5:])
-        _check_console_file(path, f"--console {text}")
-        return ConsoleSpec("file", path)
-    raise ConfigError(f"--console {text!r}: expected stdio, virtio, none or file:PATH")
+    def __post_init__(self) -> None:
+        if self.kind not in get_args(ConsoleKind):
+            raise _enum_error("kind", self.kind, ("stdio", "virtio", "none", "file"))
+        if self.kind == "file":
+            if self.path is None:
+                raise ConfigError("a file console needs a path", "path")
+            _no_nul(self.path, "path")
+        elif self.path is not None:
+            raise ConfigError(f"only a file console has a path (kind is {self.kind})", "path")
 
 
-def _no_nul(path: Path, option: str) -> None:
-    """No file name holds a NUL byte; os.stat would raise ValueError on one
-    (argv cannot carry it, but a JSON config or the API can)."""
-    if "\0" in str(path):
-        raise ConfigError(f"{option}: the path contains a NUL byte")
-
-
-def _check_console_file(path: Path, option: str) -> None:
-    """What can be told without creating or truncating anything (that waits until
-    everything else is checked: see ``Console.open``)."""
-    _no_nul(path, option)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        parent = path.parent
-        if not parent.is_dir():
-            raise ConfigError(f"{option}: directory {parent} does not exist") from None
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"{option}: cannot create a file in {parent}: "
-                              "permission denied") from None
-        return
-    except OSError as exc:
-        raise ConfigError(f"{option}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{option}: {path} is {describe_mode(st.st_mode)}, "
-                          "not a regular file")
-    if not os.access(path, os.W_OK):
-        raise ConfigError(f"{option}: {path}: permission denied")
-
-
-CacheMode = Literal["none", "writeback"]
 _SERIAL_OK = re.compile(r"^[\x21-\x7e]{1,20}$")
 
 
 @dataclass(frozen=True)
 class DiskSpec:
-    """One ``--disk``: a raw image file (or block device) given to the guest as virtio-blk."""
+    """One disk: a raw image file (or block device) given to the guest as virtio-blk."""
 
     path: Path
     readonly: bool = False
@@ -138,71 +132,12 @@ class DiskSpec:
     cache: CacheMode = "writeback"
     discard: bool = False
 
-
-def _onoff(key: str, value: str, spec: str) -> bool:
-    if value in ("on", "true", "yes", "1"):
-        return True
-    if value in ("off", "false", "no", "0"):
-        return False
-    raise ConfigError(f"--disk {spec}: {key}={value!r} must be on or off")
-
-
-def parse_disk(spec: str) -> DiskSpec:
-    """``path=FILE[,readonly=on][,serial=ID][,cache=none|writeback][,discard=on]``
-    (a bare ``FILE`` also works)."""
-    opts: dict[str, str] = {}
-    for i, part in enumerate(spec.split(",")):
-        if "=" not in part:
-            if i == 0 and part:
-                opts["path"] = part
-                continue
-            raise ConfigError(f"--disk {spec}: {part!r} is not key=value")
-        key, _, value = part.partition("=")
-        if key in opts:
-            raise ConfigError(f"--disk {spec}: {key} given twice")
-        opts[key] = value
-    unknown = set(opts) - {"path", "readonly", "serial", "cache", "discard"}
-    if unknown:
-        raise ConfigError(f"--disk {spec}: unknown option {sorted(unknown)[0]!r} "
-                          "(expected path, readonly, serial, cache, discard)")
-    if not opts.get("path"):
-        raise ConfigError(f"--disk {spec}: path=FILE is required")
-    path = Path(opts["path"])
-    _no_nul(path, f"--disk {spec}")
-    try:
-        kind = os.stat(path).st_mode
-    except OSError as exc:
-        what = "no such file" if exc.errno == errno.ENOENT else exc.strerror
-        raise ConfigError(f"--disk {spec}: {path}: {what}") from None
-    if not (stat.S_ISREG(kind) or stat.S_ISBLK(kind)):  # a FIFO would block open()
-        raise ConfigError(f"--disk {spec}: {path} is {describe_mode(kind)}, "
-                          "not a regular file or block device")
-    readonly = _onoff("readonly", opts.get("readonly", "off"), spec)
-    if not os.access(path, os.R_OK if readonly else os.R_OK | os.W_OK):
-        raise ConfigError(f"--disk {spec}: {path}: permission denied"
-                          + ("" if readonly else " (readonly=on?)"))
-    serial = opts.get("serial")
-    if serial is not None and not _SERIAL_OK.match(serial):
-        raise ConfigError(f"--disk {spec}: serial must be 1-20 printable ASCII characters")
-    cache = opts.get("cache", "writeback")
-    if cache not in ("none", "writeback"):
-        raise ConfigError(f"--disk {spec}: cache={cache!r} must be none or writeback")
-    discard = _onoff("discard", opts.get("discard", "off"), spec)
-    return DiskSpec(path, readonly, serial, "none" if cache == "none" else "writeback",
-                    discard)
-
-
-def _check_file(path: Path, option: str) -> None:
-    _no_nul(path, option)
-    try:
-        kind = os.stat(path).st_mode
-    except OSError as exc:
-        what = "no such file" if exc.errno == errno.ENOENT else exc.strerror
-        raise ConfigError(f"{option} {path}: {what}") from None
-    if not stat.S_ISREG(kind):
-        raise ConfigError(f"{option} {path}: not a regular file ({describe_mode(kind)})")
-    if not os.access(path, os.R_OK):
-        raise ConfigError(f"{option} {path}: permission denied")
+    def __post_init__(self) -> None:
+        _no_nul(self.path, "path")
+        if self.serial is not None and not _SERIAL_OK.match(self.serial):
+            raise ConfigError("must be 1-20 printable ASCII characters, no spaces", "serial")
+        if self.cache not in get_args(CacheMode):
+            raise _enum_error("cache", self.cache, ("none", "writeback"))
 
 
 @dataclass(frozen=True)
@@ -221,41 +156,316 @@ class VmConfig:
     sandbox: SandboxSetting = "auto"
 
     def __post_init__(self) -> None:
-        _check_file(self.kernel, "--kernel")
+        """The values alone (no file is looked at: see ``check_host``)."""
+        _no_nul(self.kernel, "kernel")
         if self.initrd is not None:
-            _check_file(self.initrd, "--initrd")
+            _no_nul(self.initrd, "initrd")
         if self.cpus < 1:
-            raise ConfigError(f"--cpus {self.cpus}: need at least one vCPU")
+            raise ConfigError("need at least one vCPU", "cpus")
         if self.cpus > MAX_CPUS_HARD:
-            raise ConfigError(f"--cpus {self.cpus}: at most {MAX_CPUS_HARD} vCPUs are supported")
+            raise ConfigError(f"at most {MAX_CPUS_HARD} vCPUs are supported", "cpus")
         if self.memory < MIN_MEMORY:
-            raise ConfigError(
-                f"--memory {self.memory >> 20}M: too small (at least {MIN_MEMORY >> 20}M)")
+            raise ConfigError(f"too small (at least {MIN_MEMORY >> 20}M)", "memory")
         if self.memory % (2 << 20):
-            raise ConfigError("--memory: must be a multiple of 2 MiB")
-        host = host_memory_bytes()
-        if self.memory > host:
-            raise ConfigError(
-                f"--memory {_human(self.memory)}: more than the host's {_human(host)} of RAM")
-        if self.accel not in ("auto", "kvm", "emu"):
-            raise ConfigError(f"--accel {self.accel!r}: expected auto, kvm or emu")
-        if len(self.disks) > 24:
-            raise ConfigError(f"--disk: at most 24 disks ({len(self.disks)} given)")
-        # by identity, not by name: a hard link or a second device node is the same disk
-        # (checked again on the opened fds by VmResources)
-        seen: dict[FileIdentity, Path] = {}
-        for d in self.disks:
-            try:
-                ident = identity(os.stat(d.path))
-            except OSError:
-                continue  # gone: opening it says so
-            if ident in seen:
-                raise ConfigError(f"--disk {d.path}: the same image as --disk {seen[ident]}")
-            seen[ident] = d.path
-        if self.on_reboot not in ("restart", "exit"):
-            raise ConfigError(f"--on-reboot {self.on_reboot!r}: expected restart or exit")
-        if self.sandbox not in ("auto", "on", "off"):
-            raise ConfigError(f"sandbox {self.sandbox!r}: expected auto, on or off")
+            raise ConfigError("must be a multiple of 2 MiB", "memory")
+        if self.accel not in get_args(Accel):
+            raise _enum_error("accel", self.accel, ("auto", "kvm", "emu"))
+        if len(self.disks) > MAX_DISKS:
+            raise ConfigError(f"at most {MAX_DISKS} disks ({len(self.disks)} given)", "disks")
+        if self.on_reboot not in get_args(OnReboot):
+            raise _enum_error("on_reboot", self.on_reboot, ("restart", "exit"))
+        if self.sandbox not in get_args(SandboxSetting):
+            raise _enum_error("sandbox", self.sandbox, ("auto", "on", "off"))
+
+    # -- as a document
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (plain dicts, lists, str, int, bool, None); memory in bytes."""
+        return {
+            "kernel": str(self.kernel),
+            "initrd": None if self.initrd is None else str(self.initrd),
+            "cmdline": self.cmdline,
+            "cpus": self.cpus,
+            "memory": self.memory,
+            "accel": self.accel,
+            "console": {"kind": self.console.kind,
+                        "path": None if self.console.path is None else str(self.console.path)},
+            "on_reboot": self.on_reboot,
+            "verbose": self.verbose,
+            "disks": [{"path": str(d.path), "readonly": d.readonly, "serial": d.serial,
+                       "cache": d.cache, "discard": d.discard} for d in self.disks],
+            "rng": self.rng,
+            "sandbox": self.sandbox,
+        }
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, obj: object) -> VmConfig:
+        """Build from a decoded JSON document: unknown keys and wrong types are
+        refused at any depth (no "1" for an int, no 1 for a bool), missing keys
+        take their defaults (only ``kernel`` is required). ``memory`` is bytes,
+        or a size string as on the command line ("512M", "2G"; a bare number
+        is MiB). Paths are used as given (a relative one is relative to the
+        current directory)."""
+        doc = _obj(obj, None, _VM_KEYS)
+        return cls(
+            kernel=_path(doc, "kernel", required=True),  # type: ignore[arg-type]
+            initrd=_path(doc, "initrd"),
+            cmdline=_get(doc, "cmdline", str, ""),
+            cpus=_get(doc, "cpus", int, 1),
+            memory=_memory(doc),
+            accel=_get(doc, "accel", str, "auto"),  # type: ignore[arg-type]
+            console=_console(doc.get("console")),
+            on_reboot=_get(doc, "on_reboot", str, "restart"),  # type: ignore[arg-type]
+            verbose=_get(doc, "verbose", bool, False),
+            disks=_disks(doc.get("disks")),
+            rng=_get(doc, "rng", bool, True),
+            sandbox=_get(doc, "sandbox", str, "auto"),  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> VmConfig:
+        """``from_dict`` of a JSON text; a syntax error, a duplicated key or a
+        document over 1 MiB is a ``ConfigError`` too."""
+        import json
+
+        if len(text) > MAX_DOCUMENT:
+            raise ConfigError(f"the document is larger than {MAX_DOCUMENT >> 20} MiB")
+        try:
+            obj = json.loads(text, object_pairs_hook=_no_duplicates)
+        except _DuplicateKey as exc:
+            raise ConfigError("given twice", exc.key) from None
+        except RecursionError:
+            raise ConfigError("not JSON: nested too deeply") from None
+        except UnicodeDecodeError:
+            raise ConfigError("not JSON: not UTF-8 text") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"not JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+                              ) from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise ConfigError(f"not JSON: {exc}") from None
+        return cls.from_dict(obj)
+
+
+# ---- the document walker: strict types, unknown keys refused, paths in every error
+
+_VM_KEYS = ("kernel", "initrd", "cmdline", "cpus", "memory", "accel", "console", "on_reboot",
+            "verbose", "disks", "rng", "sandbox")
+_CONSOLE_KEYS = ("kind", "path")
+_DISK_KEYS = ("path", "readonly", "serial", "cache", "discard")
+_JSON_TYPE = {bool: "true or false", int: "an integer", str: "a string"}
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(_key_name(k))  # an inner key: its path is not known here
+        out[k] = v
+    return out
+
+
+def _key_name(key: object) -> str:
+    return key if isinstance(key, str) and key.isidentifier() else repr(key)
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _obj(value: object, where: str | None, keys: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"expected an object, not {_json_kind(value)}", where)
+    for k in value:
+        if k not in keys:
+            name = _key_name(k)
+            raise ConfigError("unknown field", f"{where}.{name}" if where else name)
+    return value
+
+
+def _get(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    if key not in doc:
+        return default
+    value = doc[key]
+    # bool is an int in Python, not in JSON: checked exactly
+    if type(value) is not kind:
+        raise ConfigError(f"expected {_JSON_TYPE[kind]}, not {_json_kind(value)}", key)
+    return value
+
+
+def _path(doc: dict[str, Any], key: str, *, required: bool = False) -> Path | None:
+    if key not in doc or (doc[key] is None and not required):
+        if required:
+            raise ConfigError("required", key)
+        return None
+    value = doc[key]
+    if not isinstance(value, str):
+        raise ConfigError(f"expected a path (a string), not {_json_kind(value)}", key)
+    if not value:
+        raise ConfigError("the path is empty", key)
+    return Path(value)
+
+
+def _memory(doc: dict[str, Any]) -> int:
+    value = doc.get("memory", 512 << 20)
+    if isinstance(value, str):
+        size = _parse_size(value)
+        if size is None:
+            raise ConfigError("not a size (bytes as an integer, or a string such as "
+                              "\"512M\" or \"2G\")", "memory")
+        return size
+    if type(value) is not int:
+        raise ConfigError(f"expected bytes (an integer) or a size string, not "
+                          f"{_json_kind(value)}", "memory")
+    return value
+
+
+def _console(value: object) -> ConsoleSpec:
+    if value is None:
+        return ConsoleSpec("stdio")
+    doc = _obj(value, "console", _CONSOLE_KEYS)
+    try:
+        kind = _get(doc, "kind", str, None)
+        if kind is None:
+            raise ConfigError("required", "kind")
+        return ConsoleSpec(kind, _path(doc, "path"))
+    except ConfigError as exc:
+        raise exc.within("console") from None
+
+
+def _disks(value: object) -> tuple[DiskSpec, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"expected an array, not {_json_kind(value)}", "disks")
+    if len(value) > MAX_DISKS:
+        raise ConfigError(f"at most {MAX_DISKS} disks ({len(value)} given)", "disks")
+    disks = []
+    for i, item in enumerate(value):
+        where = f"disks[{i}]"
+        doc = _obj(item, where, _DISK_KEYS)
+        try:
+            serial = None if doc.get("serial") is None else _get(doc, "serial", str, None)
+            disks.append(DiskSpec(path=_path(doc, "path", required=True),  # type: ignore[arg-type]
+                                  readonly=_get(doc, "readonly", bool, False),
+                                  serial=serial,
+                                  cache=_get(doc, "cache", str, "writeback"),
+                                  discard=_get(doc, "discard", bool, False)))
+        except ConfigError as exc:
+            raise exc.within(where) from None
+    return tuple(disks)
+
+
+# ---- the host: files, RAM
+
+
+def host_memory_bytes() -> int:
+    """Physical RAM of the host (MemTotal)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_host(config: VmConfig) -> None:
+    """What ``config`` asks of this host, checked without opening, creating or
+    writing anything: the kernel and initrd are readable regular files, the
+    memory fits in the host's RAM, the console file can be created, each disk is
+    a regular file or block device openable as asked and none is given twice
+    (by identity: a hard link or a second device node is the same disk). The
+    files are checked again when opened (``VmResources``): this is where the
+    user hears about them first, in one place."""
+    _check_boot_file(config.kernel, "kernel")
+    if config.initrd is not None:
+        _check_boot_file(config.initrd, "initrd")
+    host = host_memory_bytes()
+    if config.memory > host:
+        raise ConfigError(f"{_human(config.memory)} is more than the host's "
+                          f"{_human(host)} of RAM", "memory")
+    if config.console.kind == "file" and config.console.path is not None:
+        _check_console_file(config.console.path, "console.path")
+    seen: dict[FileIdentity, int] = {}
+    for i, d in enumerate(config.disks):
+        where = f"disks[{i}].path"
+        try:
+            st = os.stat(d.path)
+        except OSError as exc:
+            raise ConfigError(f"{d.path}: {_why(exc)}", where) from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):  # a FIFO would block open()
+            raise ConfigError(f"{d.path} is {describe_mode(st.st_mode)}, "
+                              "not a regular file or block device", where)
+        if not os.access(d.path, os.R_OK if d.readonly else os.R_OK | os.W_OK):
+            raise ConfigError(f"{d.path}: permission denied"
+                              + ("" if d.readonly else " (read-only access needs readonly)"),
+                              where)
+        ident = identity(st)
+        if ident in seen:
+            raise ConfigError(f"{d.path}: the same image as disks[{seen[ident]}].path", where)
+        seen[ident] = i
+
+
+def _why(exc: OSError) -> str:
+    return "no such file" if exc.errno == errno.ENOENT else exc.strerror or str(exc)
+
+
+def _check_boot_file(path: Path, name: str) -> None:
+    try:
+        kind = os.stat(path).st_mode
+    except OSError as exc:
+        raise ConfigError(f"{path}: {_why(exc)}", name) from None
+    if not stat.S_ISREG(kind):
+        raise ConfigError(f"{path} is {describe_mode(kind)}, not a regular file", name)
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{path}: permission denied", name)
+
+
+def _check_console_file(path: Path, name: str) -> None:
+    """What can be told without creating or truncating anything (that waits until
+    everything else is checked: see ``Console.open``)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        parent = path.parent
+        if not parent.is_dir():
+            raise ConfigError(f"{path}: directory {parent} does not exist", name) from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"{path}: cannot create a file in {parent}: permission denied",
+                              name) from None
+        return
+    except OSError as exc:
+        raise ConfigError(f"{path}: {_why(exc)}", name) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path} is {describe_mode(st.st_mode)}, not a regular file", name)
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{path}: permission denied", name)
 
 
 def _human(n: int) -> str:
@@ -263,3 +473,77 @@ def _human(n: int) -> str:
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift}{unit}"
     return f"{n / (1 << 30):.1f}G"
+
+
+# ---- the CLI's parsers: they name the flags (they are the command line's)
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def _parse_size(text: str) -> int | None:
+    m = _SIZE_RE.match(text)
+    if not m or len(m.group(1)) > 30:  # 10^30 bytes is far beyond any RAM; bounds int()
+        return None
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def parse_size(text: str, *, what: str = "--memory") -> int:
+    """Parse '512M', '2G', '1GiB', '2048' (MiB, as QEMU's -m) into bytes."""
+    n = _parse_size(text)
+    if n is None:
+        raise ConfigError(
+            f"{what} {text!r}: not a size (use a number with an optional K, M, G or T suffix)")
+    return n
+
+
+def parse_console(text: str) -> ConsoleSpec:
+    """``--console stdio|virtio|none|file:PATH`` (the file is looked at by ``check_host``)."""
+    if text in ("stdio", "none", "virtio"):
+        return ConsoleSpec(text)  # type: ignore[arg-type]
+    if text.startswith("file:") and len(text) > 5:
+        try:
+            return ConsoleSpec("file", Path(text[5:]))
+        except ConfigError as exc:
+            raise ConfigError(f"--console {text}: {exc.detail}") from None
+    raise ConfigError(f"--console {text!r}: expected stdio, virtio, none or file:PATH")
+
+
+def _onoff(key: str, value: str, spec: str) -> bool:
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise ConfigError(f"--disk {spec}: {key}={value!r} must be on or off")
+
+
+def parse_disk(spec: str) -> DiskSpec:
+    """``path=FILE[,readonly=on][,serial=ID][,cache=none|writeback][,discard=on]``
+    (a bare ``FILE`` also works). The file is looked at by ``check_host``."""
+    opts: dict[str, str] = {}
+    for i, part in enumerate(spec.split(",")):
+        if "=" not in part:
+            if i == 0 and part:
+                opts["path"] = part
+                continue
+            raise ConfigError(f"--disk {spec}: {part!r} is not key=value")
+        key, _, value = part.partition("=")
+        if key in opts:
+            raise ConfigError(f"--disk {spec}: {key} given twice")
+        opts[key] = value
+    unknown = set(opts) - set(_DISK_KEYS)
+    if unknown:
+        raise ConfigError(f"--disk {spec}: unknown option {sorted(unknown)[0]!r} "
+                          "(expected path, readonly, serial, cache, discard)")
+    if not opts.get("path"):
+        raise ConfigError(f"--disk {spec}: path=FILE is required")
+    cache = opts.get("cache", "writeback")
+    if cache not in get_args(CacheMode):
+        raise ConfigError(f"--disk {spec}: cache={cache!r} must be none or writeback")
+    try:
+        return DiskSpec(Path(opts["path"]), _onoff("readonly", opts.get("readonly", "off"), spec),
+                        opts.get("serial"), cache,  # type: ignore[arg-type]
+                        _onoff("discard", opts.get("discard", "off"), spec))
+    except ConfigError as exc:  # DiskSpec names its field: here the option is the key
+        raise ConfigError(f"--disk {spec}: {exc.detail}" if exc.field == "path" else
+                          f"--disk {spec}: {exc.field} {exc.detail}") from None

@@ -1,27 +1,43 @@
 """``run_vm``: one VM in the foreground, across guest reboots, with its console.
 
 The VM's files (kernel, initrd, disks, console) are opened once by
-``VmResources`` and live until the VM ends; each boot builds a new ``Machine``
-over them. Stop signals are handled from the first line of ``run_vm`` to its
-last (see ``_StopSignals``).
+``VmResources`` and live until the VM ends; so does its one ``Machine`` (a
+guest reboot resets it in place) and the ``VirtualMachine`` that controls it,
+driven by the main thread's event loop (console input, the control API, the
+devices' fds). Stop signals are handled from the first line of ``run_vm`` to
+its last (see ``_StopSignals``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from pyvirt.eventloop import EventLoop
 from pyvirt.hypervisor import select_backend
-from pyvirt.vmm.config import ConfigError, VmConfig
+from pyvirt.vmm.config import ConfigError, VmConfig, check_host
 from pyvirt.vmm.console import Console
-from pyvirt.vmm.machine import Machine, Outcome, RunResult, build_machine
+from pyvirt.vmm.machine import (
+    Machine,
+    Outcome,
+    RunResult,
+    _kick_signal_handler,
+    build_machine,
+)
 from pyvirt.vmm.resources import VmResources
+from pyvirt.vmm.vm import VirtualMachine
 
-__all__ = ["STOP_SIGNALS", "SetupInterrupted", "format_registers", "run_vm"]
+if TYPE_CHECKING:
+    from pyvirt.vmm.snapshot import LoadedSnapshot
+
+__all__ = ["STOP_SIGNALS", "RunOptions", "SetupInterrupted", "format_registers", "run_vm"]
 
 log = logging.getLogger(__name__)
 
@@ -83,23 +99,42 @@ class _StopSignals:
             raise SetupInterrupted(signum)
 
 
-def run_vm(config: VmConfig, *, on_ready: Callable[[VmResources], None] | None = None) -> int:
-    """Boot ``config`` and return the process exit status.
+@dataclass(frozen=True)
+class RunOptions:
+    """How this process runs the VM (not part of the VM's configuration)."""
+
+    #: serve the control API (``pyvirt.api``) on this Unix socket
+    api_socket: Path | None = None
+    #: restore this snapshot (``pyvirt.vmm.snapshot.read_snapshot``, already
+    #: checked) instead of booting
+    restore: LoadedSnapshot | None = None
+    #: run the guest at once (a boot always does; a restore only with --resume)
+    start: bool = True
+    #: where snapshots may be written while sandboxed (None: the API socket's
+    #: directory when there is an API, else anywhere without a sandbox)
+    snapshot_root: Path | None = None
+
+
+def run_vm(config: VmConfig, *, on_ready: Callable[[VmResources], None] | None = None,
+           options: RunOptions | None = None) -> int:
+    """Boot ``config`` (or restore ``options.restore``) and return the process
+    exit status.
 
     ``on_ready`` is called once, at the one point where all set-up is done
-    (every input checked, files open, disks locked, the first machine built,
-    the console file created and the terminal raw) and the guest is about to
+    (every input checked, files open, disks locked, the machine built, the
+    console file created and the terminal raw) and the guest is about to
     run for the first time: where a sandbox goes.
 
     A stop signal during a run ends it with 0 (as a power-off); before the
     guest first ran, pyvirt stops at once with 128 + the signal number, as a
     shell reports a command killed by it.
     """
+    opts = options or RunOptions()
     with _StopSignals() as signals:
         try:
-            return _run(config, signals, on_ready)
+            return _run(config, signals, on_ready, opts)
         except SetupInterrupted as exc:
-            if signals.guest_ran:  # while rebuilding the machine of a rebooting guest
+            if signals.guest_ran:
                 sys.stderr.write(f"pyvirt: terminating on {exc}\n")
                 return 0
             sys.stderr.write(f"pyvirt: terminating on {exc} during set-up\n")
@@ -109,65 +144,88 @@ def run_vm(config: VmConfig, *, on_ready: Callable[[VmResources], None] | None =
 
 
 def _run(config: VmConfig, signals: _StopSignals,
-         on_ready: Callable[[VmResources], None] | None) -> int:
+         on_ready: Callable[[VmResources], None] | None, opts: RunOptions) -> int:
+    check_host(config)  # the user hears about files and RAM first, by field
     hv, choice = select_backend(config.accel)
     if config.cpus > hv.max_vcpus():
         what = ("the software CPU runs" if choice.name == "emu"
                 else "this host's KVM allows at most")
-        raise ConfigError(f"--cpus {config.cpus}: {what} {hv.max_vcpus()} vCPU"
-                          f"{'s' if hv.max_vcpus() > 1 else ''}")
+        raise ConfigError(f"{what} {hv.max_vcpus()} vCPU"
+                          f"{'s' if hv.max_vcpus() > 1 else ''}", "cpus")
     if config.sandbox == "on":  # fail before anything is opened or written
         from pyvirt.sandbox import require_all
 
         require_all(config.sandbox)
+    detail = str(getattr(hv, "description", ""))
+    snap = opts.restore
+    if snap is not None:
+        from pyvirt.vmm.snapshot import check_backend
+
+        check_backend(snap, choice.name, detail)
     with VmResources.open(config) as res:
         console = res.console
-        if config.verbose:
-            console.message(f"accelerator: {choice.name} ({choice.reason})")
-            description = getattr(hv, "description", "")
-            if description:
-                console.message(f"engine: {description}")
-        boots = 0
-        while True:
-            boots += 1
-            if signals.first is not None:
-                return _report(console, RunResult(Outcome.STOPPED,
-                                                  f"terminating on {signals.first}"))
+        with contextlib.ExitStack() as stack:
+            if snap is not None:
+                from pyvirt.vmm.snapshot import check_disks
+
+                check_disks(snap, [img.size for img in res.disks])
+            if config.verbose:
+                console.message(f"accelerator: {choice.name} ({choice.reason})")
+                if detail:
+                    console.message(f"engine: {detail}")
+            loop = EventLoop("main")
+            stack.callback(loop.close)
             signals.raising = True
-            machine = build_machine(config, hv, res)
-            try:
-                if boots == 1:
-                    res.start()
-                    _sandbox(config, choice.name, console)
-                    if on_ready is not None:
-                        on_ready(res)
-                # from here a signal asks the machine to stop instead of raising
-                signals.raising = False
-                signals.machine = machine
-                signals.guest_ran = True
-                if signals.first is not None:  # came in between: noted only
-                    machine.request(RunResult(Outcome.STOPPED,
-                                              f"terminating on {signals.first}"))
-                result = machine.run()
-            finally:
-                signals.raising = False
-                signals.machine = None
-                machine.close()
-            if result.outcome is Outcome.RESET and config.on_reboot == "restart":
-                if config.verbose:
-                    console.message(f"guest reset: restarting (boot {boots + 1})")
-                continue
-            return _report(console, result)
+            machine = build_machine(config, hv, res, loop,
+                                    memory_fd=None if snap is None else snap.memory_fd)
+            stack.callback(machine.close)
+            if snap is not None:
+                machine.restore_state(snap.state)
+            root = opts.snapshot_root
+            if root is None and opts.api_socket is not None and config.sandbox != "off":
+                root = Path(os.path.abspath(opts.api_socket)).parent
+            vm = VirtualMachine(machine, backend=choice.name, backend_detail=detail,
+                                snapshot_root=root, on_message=console.message)
+            if opts.api_socket is not None:
+                from pyvirt.api.server import ApiServer
+
+                api = ApiServer(opts.api_socket, vm, loop)
+                stack.callback(api.close)
+            res.start()
+            _sandbox(config, choice.name, console, snapshot_root=root)
+            if on_ready is not None:
+                on_ready(res)
+            # from here a signal asks the machine to stop instead of raising
+            old_usr1 = signal.signal(signal.SIGUSR1, _kick_signal_handler)
+            stack.callback(signal.signal, signal.SIGUSR1, old_usr1)
+            signals.raising = False
+            signals.machine = machine
+            signals.guest_ran = True
+            stack.callback(setattr, signals, "machine", None)
+            machine.start()
+            stack.callback(machine.stop_vcpus)
+            if snap is None or opts.start:
+                vm.start()
+            else:
+                vm.start_paused()
+            if signals.first is not None:  # came in between: noted only
+                machine.request(RunResult(Outcome.STOPPED, f"terminating on {signals.first}"))
+            loop.run_until(lambda: machine.finished)
+            result = machine.outcome
+            assert result is not None
+        return _report(console, result)
 
 
-def _sandbox(config: VmConfig, backend: str, console: Console) -> None:
+def _sandbox(config: VmConfig, backend: str, console: Console, *,
+             snapshot_root: Path | None = None) -> None:
     """Confine this process (``pyvirt.sandbox``) once set-up is done, before the
     guest first runs; with a single thread, so every later thread is confined."""
     if config.sandbox != "off":
         from pyvirt import sandbox
 
         report = sandbox.apply(sandbox.policy_for_vm(config, mode=config.sandbox,
-                                                     kvm=backend == "kvm"))
+                                                     kvm=backend == "kvm",
+                                                     snapshot_root=snapshot_root))
         if config.verbose:
             console.message(report.summary())
     if "PYVIRT_TEST_SANDBOX_PROBE" in os.environ:  # test-only: see pyvirt.sandbox.PROBE_ENV

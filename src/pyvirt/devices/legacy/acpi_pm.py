@@ -20,8 +20,16 @@ after the lock is released; the VMM powers off for ACPI_S5_SLP_TYP. For other
 sleep types the VMM may do nothing: WAK_STS is already set, so a guest polling
 for wake after S1 (as ACPICA does) sees an immediate wake instead of hanging.
 
+There is no GPE block (the FADT declares none), so PM1 is the whole event model.
+
 Threading: each device has a ``threading.Lock``; the SCI level is set under it,
 callbacks run after it is released.
+
+Saved state (``AcpiPmState``, ``ResetControlState``): PM1 status, enable and
+control, and the PM timer's value. The timer continues from the saved value
+on restore (its base is moved on the host's monotonic clock), so the guest
+sees it neither jump by the time the VM spent saved nor run backwards; the
+SCI level follows from status and enable and is driven again.
 """
 
 from __future__ import annotations
@@ -29,12 +37,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 from pyvirt.arch.x86_64.layout import ACPI_PM_TMR_HZ
 from pyvirt.devices.bus import put_byte
 from pyvirt.devices.irq import IrqLine
+from pyvirt.devices.statecheck import check_bits, check_int
+from pyvirt.state import StateError, check_version
 
-__all__ = ["AcpiPm", "ResetControl"]
+__all__ = ["AcpiPm", "AcpiPmState", "ResetControl", "ResetControlState"]
 
 # PM1 status / enable bits (ACPI 6.x Table 4.13 / 4.14)
 TMR_STS = 1 << 0
@@ -57,10 +69,30 @@ _STS_OFF = 0
 _EN_OFF = 2
 _CNT_OFF = 4
 _TMR_OFF = 8
+_STS_BITS = _EVENTS | WAK_STS  # the status bits anything here sets
+
+
+@dataclass(frozen=True)
+class AcpiPmState:
+    version: int
+    pm1_sts: int
+    pm1_en: int
+    pm1_cnt: int
+    pm_tmr: int  # the 32-bit PM timer value when saved
+    tmr_msb_seen: int  # timer bit 31 at the last TMR_STS evaluation
+
+
+@dataclass(frozen=True)
+class ResetControlState:
+    version: int
+    value: int
 
 
 class AcpiPm:
     """PM1a event/control blocks and the PM timer. Map at ACPI_PM_BASE, ACPI_PM_LEN."""
+
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type] = AcpiPmState
 
     def __init__(self, sci: IrqLine, on_sleep: Callable[[int], None],
                  clock_ns: Callable[[], int] = time.monotonic_ns) -> None:
@@ -74,14 +106,52 @@ class AcpiPm:
         self._cnt = SCI_EN  # ACPI mode is always on: no SMI_CMD handover (§4.8.3.2.1)
         self._sci_level = False
         self._tmr_msb_seen = 0  # timer bit 31 at the last TMR_STS evaluation
+        self._sci_count = 0  # SCI assertions, for metrics(); never reset
 
     # -- host side ---------------------------------------------------------
 
     def press_power_button(self) -> None:
-        """The power button fixed event (§4.8.2.2.1.1): the guest decides what to do."""
+        """The power button fixed event (§4.8.2.2.1.1): the guest decides what to do.
+
+        PWRBTN_STS is set; the SCI rises only while the OS has PWRBTN_EN set
+        (Linux's ACPI core sets it once a handler, the ``button`` driver, is
+        installed for the fixed event).
+        """
         with self._lock:
             self._sts |= PWRBTN_STS
             self._update_sci()
+
+    def metrics(self) -> dict[str, int]:
+        return {"sci": self._sci_count}
+
+    # -- saved state (the VM is paused) ------------------------------------
+
+    def save_state(self) -> AcpiPmState:
+        with self._lock:
+            return AcpiPmState(version=self.STATE_VERSION, pm1_sts=self._sts, pm1_en=self._en,
+                               pm1_cnt=self._cnt, pm_tmr=self._timer(),
+                               tmr_msb_seen=self._tmr_msb_seen)
+
+    def restore_state(self, state: AcpiPmState) -> None:
+        part = "acpi_pm"
+        check_version(part, state.version, self.STATE_VERSION)
+        sts = check_bits(part, "pm1_sts", state.pm1_sts, _STS_BITS)
+        en = check_int(part, "pm1_en", state.pm1_en, 0, 0xFFFF)
+        cnt = check_int(part, "pm1_cnt", state.pm1_cnt, 0, 0xFFFF)
+        if not cnt & SCI_EN or cnt & SLP_EN:
+            raise StateError(f"{part}: saved state field pm1_cnt = {cnt:#x} has SCI_EN "
+                             "clear or SLP_EN set")
+        tmr = check_int(part, "pm_tmr", state.pm_tmr, 0, 0xFFFF_FFFF)
+        msb = check_int(part, "tmr_msb_seen", state.tmr_msb_seen, 0, 1)
+        with self._lock:
+            self._sts, self._en, self._cnt, self._tmr_msb_seen = sts, en, cnt, msb
+            # The smallest base from which _timer() reads ``tmr`` now: the timer
+            # continues from where it stood, counting on the host's monotonic clock.
+            ns_for_tmr = -(-tmr * 1_000_000_000 // ACPI_PM_TMR_HZ)  # rounded up
+            self._t0 = self._clock_ns() - ns_for_tmr
+            level = bool(sts & en & _EVENTS)
+            self._sci_level = level
+            self._sci.set_level(level)  # whatever the line held before
 
     # -- bus interface -----------------------------------------------------
 
@@ -149,6 +219,7 @@ class AcpiPm:
         level = bool(self._sts & self._en & _EVENTS)
         if level != self._sci_level:
             self._sci_level = level
+            self._sci_count += level
             self._sci.set_level(level)
 
 
@@ -158,10 +229,23 @@ class ResetControl:
     _RST_CPU = 0x04  # writing 1 starts the reset; SYS_RST (0x02) picks hard vs soft
     _MASK = 0x0E  # SYS_RST, RST_CPU, FULL_RST
 
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type] = ResetControlState
+
     def __init__(self, reset: Callable[[], None]) -> None:
         self._reset = reset
         self._lock = threading.Lock()
         self._value = 0
+
+    def save_state(self) -> ResetControlState:
+        with self._lock:
+            return ResetControlState(version=self.STATE_VERSION, value=self._value)
+
+    def restore_state(self, state: ResetControlState) -> None:
+        check_version("reset_control", state.version, self.STATE_VERSION)
+        value = check_bits("reset_control", "value", state.value, self._MASK)
+        with self._lock:
+            self._value = value
 
     def read(self, offset: int, data: memoryview) -> None:
         with self._lock:

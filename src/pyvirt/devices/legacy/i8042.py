@@ -21,6 +21,11 @@ edge-triggered pin sees one edge per byte (Linux reads one byte per interrupt).
 
 Threading: a ``threading.Lock`` guards the state; IRQ levels are set under it,
 the ``reset`` callback runs after it is released.
+
+Saved state (``I8042State``): controller RAM (the command byte is byte 0), the
+output port (bit 1 is A20), the output queue, commands awaiting a parameter
+and the mouse settings; IRQ1/IRQ12 follow from them and are driven again on
+restore.
 """
 
 from __future__ import annotations
@@ -28,11 +33,15 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 from pyvirt.devices.bus import BusDevice, put_byte
 from pyvirt.devices.irq import IrqLine
+from pyvirt.devices.statecheck import check_bool, check_bytes, check_int
+from pyvirt.state import StateError, check_version
 
-__all__ = ["I8042"]
+__all__ = ["I8042", "I8042State"]
 
 # Status register bits
 _STS_OBF = 0x01
@@ -52,6 +61,32 @@ _CTR_XLATE = 0x40
 _ACK = 0xFA
 _OUTPUT_QUEUE_MAX = 64  # beyond this, injected bytes and controller answers are dropped
 
+# Ctrl, Alt, Delete pressed, then released in reverse order. Set 1 is what the
+# guest reads while the controller translates (CTR bit 6), set 2 otherwise.
+_CTRL_ALT_DEL_SET1 = bytes([0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D])
+_CTRL_ALT_DEL_SET2 = bytes([0x14, 0x11, 0xE0, 0x71, 0xE0, 0xF0, 0x71, 0xF0, 0x11, 0xF0, 0x14])
+
+# Controller commands that take a data byte, keyboard/mouse commands that take a parameter.
+_DATA_COMMANDS = frozenset([0, *range(0x60, 0x80), 0xD1, 0xD2, 0xD3, 0xD4])
+_KBD_PARAM_COMMANDS = frozenset([0, 0xED, 0xF0, 0xF3])
+_AUX_PARAM_COMMANDS = frozenset([0, 0xE8, 0xF3])
+
+
+@dataclass(frozen=True)
+class I8042State:
+    version: int
+    ram: bytes  # 32 bytes of controller RAM; byte 0 is the command byte (CTR)
+    status_cmd: int  # status bit 3: the last write went to the command port
+    outport: int  # bit 0: reset line (1 = inactive), bit 1: A20
+    pending_cmd: int  # controller command awaiting its data byte, or 0
+    kbd_param_for: int
+    aux_param_for: int
+    out: tuple[tuple[int, bool], ...]  # output queue: (byte, from the aux port)
+    last_data: int
+    mouse_rate: int
+    mouse_res: int
+    mouse_enabled: bool
+
 
 class _CommandPort:
     """The 0x64 port alone, for maps where 0x60 and 0x64 are separate ranges."""
@@ -68,6 +103,9 @@ class _CommandPort:
 
 class I8042:
     """An i8042 keyboard controller. Map at 0x60, length 5."""
+
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type] = I8042State
 
     def __init__(
         self,
@@ -97,6 +135,7 @@ class I8042:
         self._mouse_rate = 100
         self._mouse_res = 2
         self._mouse_enabled = False
+        self._interrupts = 0  # IRQ1/IRQ12 assertions, for metrics(); never reset
 
     def command_port(self) -> BusDevice:
         """A device for port 0x64 alone (length 1)."""
@@ -115,6 +154,88 @@ class I8042:
                 n += 1
             self._update_irqs()
             return n
+
+    def send_ctrl_alt_del(self) -> bool:
+        """Type Ctrl-Alt-Del (press and release) on the keyboard, with IRQ1.
+
+        Linux's atkbd turns it into ``ctrl_alt_del()``: with C-A-D disabled by
+        init (busybox and systemd both do) that is a SIGINT to PID 1, which runs
+        inittab's ``::ctrlaltdel:`` entry. All or nothing: False (nothing
+        queued) when the output queue has no room for the whole sequence, so a
+        key is never left pressed.
+        """
+        with self._lock:
+            seq = _CTRL_ALT_DEL_SET1 if self._ram[0] & _CTR_XLATE else _CTRL_ALT_DEL_SET2
+            if len(self._out) + len(seq) > _OUTPUT_QUEUE_MAX:
+                return False
+            self._out.extend((b, False) for b in seq)
+            self._update_irqs()
+            return True
+
+    def metrics(self) -> dict[str, int]:
+        return {"interrupts": self._interrupts}
+
+    # -- saved state (the VM is paused) ------------------------------------
+
+    def save_state(self) -> I8042State:
+        with self._lock:
+            return I8042State(
+                version=self.STATE_VERSION, ram=bytes(self._ram), status_cmd=self._status_cmd,
+                outport=self._outport, pending_cmd=self._pending_cmd,
+                kbd_param_for=self._kbd_param_for, aux_param_for=self._aux_param_for,
+                out=tuple(self._out), last_data=self._last_data,
+                mouse_rate=self._mouse_rate, mouse_res=self._mouse_res,
+                mouse_enabled=self._mouse_enabled)
+
+    def restore_state(self, state: I8042State) -> None:
+        part = "i8042"
+        check_version(part, state.version, self.STATE_VERSION)
+        ram = check_bytes(part, "ram", state.ram, length=len(self._ram))
+        if self._aux_irq is None and not ram[0] & _CTR_AUXDIS:
+            raise StateError(f"{part}: saved state field ram[0] = {ram[0]:#x} enables an "
+                             "aux port this machine does not have")
+        status_cmd = check_int(part, "status_cmd", state.status_cmd, 0, _STS_CMD)
+        if status_cmd not in (0, _STS_CMD):
+            raise StateError(f"{part}: saved state field status_cmd = {status_cmd:#x} "
+                             "is not 0 or 0x8")
+        outport = check_int(part, "outport", state.outport, 0, 0xFF)
+        for name, allowed in (("pending_cmd", _DATA_COMMANDS),
+                              ("kbd_param_for", _KBD_PARAM_COMMANDS),
+                              ("aux_param_for", _AUX_PARAM_COMMANDS)):
+            value = check_int(part, name, getattr(state, name), 0, 0xFF)
+            if value not in allowed:
+                raise StateError(f"{part}: saved state field {name} = {value:#x} is not a "
+                                 "command that takes a parameter")
+        if not isinstance(state.out, tuple | list) or len(state.out) > _OUTPUT_QUEUE_MAX:
+            raise StateError(f"{part}: saved state field out is not a queue of at most "
+                             f"{_OUTPUT_QUEUE_MAX} bytes")
+        out: deque[tuple[int, bool]] = deque()
+        for i, entry in enumerate(state.out):
+            if not isinstance(entry, tuple | list) or len(entry) != 2:
+                raise StateError(f"{part}: saved state field out[{i}] is not (byte, aux)")
+            out.append((check_int(part, f"out[{i}]", entry[0], 0, 0xFF),
+                        check_bool(part, f"out[{i}]", entry[1])))
+        last_data = check_int(part, "last_data", state.last_data, 0, 0xFF)
+        mouse_rate = check_int(part, "mouse_rate", state.mouse_rate, 0, 0xFF)
+        mouse_res = check_int(part, "mouse_res", state.mouse_res, 0, 3)
+        mouse_enabled = check_bool(part, "mouse_enabled", state.mouse_enabled)
+        with self._lock:
+            self._ram[:] = ram
+            self._status_cmd, self._outport = status_cmd, outport
+            self._pending_cmd = state.pending_cmd
+            self._kbd_param_for, self._aux_param_for = state.kbd_param_for, state.aux_param_for
+            self._out = out
+            self._last_data = last_data
+            self._mouse_rate, self._mouse_res = mouse_rate, mouse_res
+            self._mouse_enabled = mouse_enabled
+            # Drive both lines whatever the cached levels say: the lines behind
+            # them may be new (a fresh process) or left elsewhere by the last run.
+            kbd, aux = self._wanted_levels()
+            self._kbd_level, self._aux_level = kbd, aux
+            if self._kbd_irq is not None:
+                self._kbd_irq.set_level(kbd)
+            if self._aux_irq is not None:
+                self._aux_irq.set_level(aux)
 
     # -- bus interface -----------------------------------------------------
 
@@ -288,21 +409,26 @@ class I8042:
         if level != self._kbd_level:
             self._kbd_level = level
             if self._kbd_irq is not None:
+                self._interrupts += level
                 self._kbd_irq.set_level(level)
 
     def _set_aux_level(self, level: bool) -> None:
         if level != self._aux_level:
             self._aux_level = level
             if self._aux_irq is not None:
+                self._interrupts += level
                 self._aux_irq.set_level(level)
 
+    def _wanted_levels(self) -> tuple[bool, bool]:
+        """(IRQ1, IRQ12): the byte at the head of the output buffer and the CTR."""
+        if not self._out:
+            return False, False
+        ctr = self._ram[0]
+        if self._out[0][1]:
+            return False, bool(ctr & _CTR_AUXINT)
+        return bool(ctr & _CTR_KBDINT), False
+
     def _update_irqs(self) -> None:
-        kbd = aux = False
-        if self._out:
-            ctr = self._ram[0]
-            if self._out[0][1]:
-                aux = bool(ctr & _CTR_AUXINT)
-            else:
-                kbd = bool(ctr & _CTR_KBDINT)
+        kbd, aux = self._wanted_levels()
         self._set_kbd_level(kbd)
         self._set_aux_level(aux)

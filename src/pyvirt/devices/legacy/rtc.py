@@ -24,6 +24,14 @@ and UF/AF are never set.
 
 Threading: a ``threading.Lock`` guards index, RAM and the timer handle; the
 IRQ level is set under it; no other callbacks.
+
+Saved state (``RtcState``): the index register, the 128 CMOS bytes (Register
+B/C hold the interrupt enables and flags; the time registers matter only while
+SET freezes them) and the guest's offset from host wall time. Restoring keeps
+the offset, not the time: the guest's clock reads the host's *current* time
+plus the offset, so a VM restored later has moved on with the wall clock, and
+the update/alarm timer is armed again for the next second boundary (no burst
+of interrupts for the seconds the VM was saved).
 """
 
 from __future__ import annotations
@@ -32,11 +40,15 @@ import calendar
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 from pyvirt.devices.bus import put_byte
 from pyvirt.devices.irq import IrqLine
+from pyvirt.devices.statecheck import check_bits, check_bytes, check_float, check_int
+from pyvirt.state import check_version
 
-__all__ = ["CmosRtc"]
+__all__ = ["CmosRtc", "RtcState"]
 
 # Register indices (MC146818 datasheet, address map)
 _SECONDS = 0x00
@@ -69,6 +81,18 @@ _D_VRT = 0x80
 _HOUR_PM = 0x80  # 12-hour mode: bit 7 of the hours byte
 
 _CMOS_SIZE = 128
+_C_FLAGS = 0xF0  # IRQF, PF, AF, UF: the bits Register C can hold
+# The clock reads through time.gmtime and writes years 1-9999 (_apply_image).
+_GUEST_TIME_MIN = float(calendar.timegm((1, 1, 1, 0, 0, 0, 0, 0, 0)))
+_GUEST_TIME_MAX = float(calendar.timegm((9999, 12, 31, 23, 59, 59, 0, 0, 0)))
+
+
+@dataclass(frozen=True)
+class RtcState:
+    version: int
+    index: int
+    cmos: bytes  # 128 bytes; time registers as latched while Register B's SET is 1
+    offset_s: float  # guest wall time minus host wall time
 
 
 def _to_bcd(v: int) -> int:
@@ -85,11 +109,17 @@ def _from_bcd(v: int) -> int:
 class CmosRtc:
     """MC146818-style RTC with 128 bytes of CMOS RAM. Map at 0x70, length 2."""
 
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type] = RtcState
+
     def __init__(self, clock: Callable[[], float] = time.time,
                  irq: IrqLine | None = None) -> None:
         self._clock = clock
         self._irq = irq
         self._timer: threading.Timer | None = None
+        self._timer_gen = 0  # which timer is current: a cancelled one that fires anyway is stale
+        self._irq_level = False
+        self._interrupts = 0  # IRQ8 assertions, for metrics(); never reset
         self._closed = False
         self._lock = threading.Lock()
         self._index = 0
@@ -119,28 +149,45 @@ class CmosRtc:
         Called by the internal timer; public so tests and a VMM-owned tick can drive it.
         """
         with self._lock:
-            b = self._ram[_REG_B]
-            if b & _B_SET:
-                return  # updates are inhibited while SET is 1
-            flags = _C_UF
-            image = self._time_image()
-            if all(self._ram[a] >= _ALARM_DONT_CARE or self._ram[a] == image[t]
-                   for a, t in _ALARM_OF):
-                flags |= _C_AF
-            c = self._ram[_REG_C] | flags
-            if c & b & (_B_UIE | _B_AIE):  # UF/AF share bit positions with UIE/AIE
-                c |= _C_IRQF
-            self._ram[_REG_C] = c
-            if c & _C_IRQF and self._irq is not None:
-                self._irq.set_level(True)
+            self._update_cycle()
+
+    def metrics(self) -> dict[str, int]:
+        return {"interrupts": self._interrupts}
+
+    # -- saved state (the VM is paused) ------------------------------------
+
+    def save_state(self) -> RtcState:
+        with self._lock:
+            return RtcState(version=self.STATE_VERSION, index=self._index,
+                            cmos=bytes(self._ram), offset_s=self._offset)
+
+    def restore_state(self, state: RtcState) -> None:
+        part = "rtc"
+        check_version(part, state.version, self.STATE_VERSION)
+        index = check_int(part, "index", state.index, 0, _CMOS_SIZE - 1)
+        cmos = check_bytes(part, "cmos", state.cmos, length=_CMOS_SIZE)
+        check_bits(part, "cmos[0xa]", cmos[_REG_A], 0xFF & ~_A_UIP)
+        check_bits(part, "cmos[0xc]", cmos[_REG_C], _C_FLAGS)
+        now = self._clock()
+        offset = check_float(part, "offset_s", state.offset_s,
+                             _GUEST_TIME_MIN - now, _GUEST_TIME_MAX - now)
+        with self._lock:
+            self._cancel_timer()
+            self._index = index
+            self._ram[:] = cmos
+            self._offset = offset
+            level = bool(cmos[_REG_C] & _C_IRQF)
+            if self._irq is not None:
+                # driven whatever the cached level: the line may be new or left high
+                self._irq_level = level
+                self._irq.set_level(level)
+            self._schedule()
 
     def close(self) -> None:
         """Stop the interrupt timer, if running."""
         with self._lock:
             self._closed = True
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._cancel_timer()
 
     # -- bus interface -----------------------------------------------------
 
@@ -172,8 +219,7 @@ class CmosRtc:
         if idx == _REG_C:
             value = self._ram[_REG_C]
             self._ram[_REG_C] = 0  # all flags clear on read (datasheet, Register C)
-            if value & _C_IRQF and self._irq is not None:
-                self._irq.set_level(False)
+            self._set_irq(False)
             return value
         if idx == _REG_D:
             return _D_VRT
@@ -216,16 +262,47 @@ class CmosRtc:
         if not self._ram[_REG_B] & (_B_UIE | _B_AIE):
             return
         now = self._clock() + self._offset
-        timer = threading.Timer(1.0 - (now % 1.0), self._on_timer)
+        self._timer_gen += 1
+        timer = threading.Timer(1.0 - (now % 1.0), self._on_timer, args=(self._timer_gen,))
         timer.daemon = True
         self._timer = timer
         timer.start()
 
-    def _on_timer(self) -> None:
-        self.update_cycle()
-        with self._lock:
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
             self._timer = None
+        self._timer_gen += 1  # a callback already past cancel() finds itself stale
+
+    def _on_timer(self, gen: int) -> None:
+        with self._lock:
+            if gen != self._timer_gen:
+                return  # cancelled (close, restore) after it started to fire
+            self._timer = None
+            self._update_cycle()
             self._schedule()
+
+    def _update_cycle(self) -> None:
+        b = self._ram[_REG_B]
+        if b & _B_SET:
+            return  # updates are inhibited while SET is 1
+        flags = _C_UF
+        image = self._time_image()
+        if all(self._ram[a] >= _ALARM_DONT_CARE or self._ram[a] == image[t]
+               for a, t in _ALARM_OF):
+            flags |= _C_AF
+        c = self._ram[_REG_C] | flags
+        if c & b & (_B_UIE | _B_AIE):  # UF/AF share bit positions with UIE/AIE
+            c |= _C_IRQF
+        self._ram[_REG_C] = c
+        if c & _C_IRQF:
+            self._set_irq(True)
+
+    def _set_irq(self, level: bool) -> None:
+        if self._irq is not None and level != self._irq_level:
+            self._irq_level = level
+            self._interrupts += level
+            self._irq.set_level(level)
 
     def _enc(self, v: int) -> int:
         return v if self._ram[_REG_B] & _B_DM_BINARY else _to_bcd(v)

@@ -42,6 +42,11 @@ TX path calls ``set_level`` only on a change.
 Threading: one ``threading.Lock`` guards all state. Register accesses come from
 any vCPU thread, ``enqueue_input`` from the console thread; ``irq.set_level`` is
 called under the lock, ``out`` after releasing it.
+
+Saved state (``SerialState``): every register, the receive FIFO, the input
+still on the wire (so typed-ahead input survives a snapshot) and the pending
+THRE condition; the interrupt level is derived from them and driven again on
+restore.
 """
 
 from __future__ import annotations
@@ -49,10 +54,14 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 from pyvirt.devices.irq import IrqLine
+from pyvirt.devices.statecheck import check_bits, check_bool, check_bytes, check_int
+from pyvirt.state import StateError, check_version
 
-__all__ = ["HOST_RX_CAPACITY", "Serial16550"]
+__all__ = ["HOST_RX_CAPACITY", "Serial16550", "SerialState"]
 
 #: bytes of input buffered host-side beyond the 16-byte hardware FIFO
 HOST_RX_CAPACITY = 4096
@@ -112,14 +121,39 @@ _MSR_LINES_CONNECTED = _MSR_CTS | _MSR_DSR | _MSR_DCD
 _BYTE = tuple(bytes((i,)) for i in range(256))
 
 
+@dataclass(frozen=True)
+class SerialState:
+    version: int
+    ier: int
+    fcr: int
+    lcr: int
+    mcr: int
+    scr: int
+    dll: int
+    dlm: int
+    lsr_err: int  # sticky OE/PE/FE/BI until LSR is read
+    msr_delta: int
+    thre_pending: bool
+    rbr_last: int
+    fifo: bytes  # the receiver FIFO (RBR first)
+    wire: bytes  # input taken from the console, not yet received
+
+
 class Serial16550:
     """A 16550A UART. Map it at COM1_PORT with length 8."""
+
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type] = SerialState
 
     def __init__(self, irq: IrqLine, out: Callable[[bytes], None]) -> None:
         self._irq = irq
         self._out = out
         self._lock = threading.Lock()
         self._irq_out = False  # last level driven on ``irq``
+        # counters for metrics(); never reset, not part of the saved state
+        self._tx_bytes = 0
+        self._rx_bytes = 0
+        self._interrupts = 0
         # Reset values from the datasheet's "UART reset configuration" table.
         self._ier = 0
         self._fcr = 0
@@ -142,6 +176,7 @@ class Serial16550:
         with self._lock:
             taken = data[: self._room()]
             self._host.extend(taken)
+            self._rx_bytes += len(taken)
             self._update_irq()  # the bytes stay on the wire until the driver reads
             return len(taken)
 
@@ -149,6 +184,52 @@ class Serial16550:
         """Room left in the host-side receive buffer (for console back-pressure)."""
         with self._lock:
             return self._room()
+
+    def metrics(self) -> dict[str, int]:
+        """Bytes sent by the guest, bytes taken from the console, IRQ assertions."""
+        return {"tx_bytes": self._tx_bytes, "rx_bytes": self._rx_bytes,
+                "interrupts": self._interrupts}
+
+    # -- saved state (the VM is paused) ------------------------------------
+
+    def save_state(self) -> SerialState:
+        with self._lock:
+            return SerialState(
+                version=self.STATE_VERSION, ier=self._ier, fcr=self._fcr, lcr=self._lcr,
+                mcr=self._mcr, scr=self._scr, dll=self._dll, dlm=self._dlm,
+                lsr_err=self._lsr_err, msr_delta=self._msr_delta,
+                thre_pending=self._thre_pending, rbr_last=self._rbr_last,
+                fifo=bytes(self._fifo), wire=bytes(self._host))
+
+    def restore_state(self, state: SerialState) -> None:
+        part = "serial"
+        check_version(part, state.version, self.STATE_VERSION)
+        fcr = check_bits(part, "fcr", state.fcr, 0xC9)
+        if fcr and not fcr & _FCR_ENABLE:
+            raise StateError(f"{part}: saved state field fcr = {fcr:#x} programs a "
+                             "trigger level with the FIFOs off")
+        ier = check_bits(part, "ier", state.ier, _IER_MASK)
+        mcr = check_bits(part, "mcr", state.mcr, _MCR_MASK)
+        regs = {name: check_int(part, name, getattr(state, name), 0, 0xFF)
+                for name in ("lcr", "scr", "dll", "dlm", "rbr_last")}
+        lsr_err = check_bits(part, "lsr_err", state.lsr_err, _LSR_ERRORS)
+        msr_delta = check_bits(part, "msr_delta", state.msr_delta, 0x0F)
+        thre = check_bool(part, "thre_pending", state.thre_pending)
+        fifo = check_bytes(part, "fifo", state.fifo,
+                           max_len=_FIFO_SIZE if fcr & _FCR_ENABLE else 1)
+        wire = check_bytes(part, "wire", state.wire, max_len=HOST_RX_CAPACITY)
+        with self._lock:
+            self._ier, self._fcr, self._mcr = ier, fcr, mcr
+            self._lcr, self._scr = regs["lcr"], regs["scr"]
+            self._dll, self._dlm, self._rbr_last = regs["dll"], regs["dlm"], regs["rbr_last"]
+            self._lsr_err, self._msr_delta, self._thre_pending = lsr_err, msr_delta, thre
+            self._fifo = deque(fifo)
+            self._host = deque(wire)
+            # Drive the line even if the cached level agrees: the line behind it may
+            # be new (a fresh process) or have been left elsewhere by the last run.
+            level = self._irq_level()
+            self._irq_out = level
+            self._irq.set_level(level)
 
     # -- bus interface -----------------------------------------------------
 
@@ -175,6 +256,7 @@ class Serial16550:
             # as transmission is instantaneous THR empties again at once, which (per the
             # datasheet) sets it again: the net effect is "THRE pending".
             self._thre_pending = True
+            self._tx_bytes += 1
             if self._ier & _IER_ETBEI and not self._irq_out:
                 self._update_irq()
         self._out(_BYTE[value])
@@ -371,11 +453,14 @@ class Serial16550:
             return _IIR_MSR
         return _IIR_NONE
 
+    def _irq_level(self) -> bool:
+        return (self._pending_iir() != _IIR_NONE
+                and self._mcr & (_MCR_OUT2 | _MCR_LOOP) == _MCR_OUT2)
+
     def _update_irq(self) -> None:
-        level = (
-            self._pending_iir() != _IIR_NONE
-            and self._mcr & (_MCR_OUT2 | _MCR_LOOP) == _MCR_OUT2
-        )
+        level = self._irq_level()
         if level != self._irq_out:
             self._irq_out = level
+            if level:
+                self._interrupts += 1
             self._irq.set_level(level)

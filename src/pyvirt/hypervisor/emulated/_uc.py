@@ -80,6 +80,12 @@ _PROTOTYPES: dict[str, tuple[Any, tuple[Any, ...]]] = {
                                             ctypes.c_int)),
     "uc_x86_remove_ioeventfd": (ctypes.c_int, (UC_ENGINE, ctypes.c_uint64, ctypes.c_uint32,
                                                ctypes.c_int)),
+    # stock unicorn, bound here with exact types for the saved CPU context
+    "uc_context_size": (ctypes.c_size_t, (UC_ENGINE,)),
+    "uc_context_alloc": (ctypes.c_int, (UC_ENGINE, ctypes.POINTER(ctypes.c_void_p))),
+    "uc_context_save": (ctypes.c_int, (UC_ENGINE, ctypes.c_void_p)),
+    "uc_context_restore": (ctypes.c_int, (UC_ENGINE, ctypes.c_void_p)),
+    "uc_context_free": (ctypes.c_int, (ctypes.c_void_p,)),
 }
 
 _lib: ctypes.CDLL | None = None

@@ -41,9 +41,16 @@ Limits / notes for whoever continues:
   * one vCPU: unicorn's TCG is single-threaded per instance and one instance
     cannot invalidate another's translated code, so SMP would need either one
     engine shared by round-robin or cross-engine TB invalidation (a C patch).
-  * guest writes to IA32_TSC (MSR 0x10) change the engine's TSC offset but not
-    what the LAPIC's TSC-deadline timer compares against; Linux does not write
-    it on a single CPU.
+  * guest TSC = host TSC + ``EmulatedVm.tsc_offset``: the engine keeps its own
+    copy of the offset (QEMU's ``tsc_offset``), the LAPIC reads the VM's; a
+    guest write to IA32_TSC (MSR 0x10) updates both (``MsrRouter``).
+  * saved state: ``EmulatedVcpu.save_state`` is the engine's raw CPU context
+    (``Engine.context_bytes``, tied to the engine build) plus the halted flag
+    and the guest TSC; ``EmulatedVm.save_state`` the interrupt controllers and
+    timers. Restoring moves the guest TSC and every timer on by the wall-clock
+    time since the save (see ``EmulatedVm.restore_state``). A vCPU restored
+    halted waits for its interrupt in Python (``EmulatedVcpu.run``): unicorn
+    cannot be put into HLT from outside.
   * writes into guest RAM from the host (device DMA) bypass TCG's
     self-modifying-code tracking: devices report them (``Vm.note_dma_write``),
     the ranges are queued and dropped on the vCPU thread by engine patch 0011
@@ -54,8 +61,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import unicorn
 
@@ -66,6 +76,7 @@ from pyvirt.devices.bus import Bus, BusDevice
 from pyvirt.devices.irq import IrqLine
 from pyvirt.hypervisor.base import ExitKind, HypervisorError, VcpuExit
 from pyvirt.hypervisor.emulated import _uc, hosttsc
+from pyvirt.hypervisor.emulated._staterec import check_bool, check_int
 from pyvirt.hypervisor.emulated.cpuid_model import (
     ARCH_CAPABILITIES,
     MSR_IA32_ARCH_CAPABILITIES,
@@ -77,18 +88,22 @@ from pyvirt.hypervisor.emulated.engine import (
     LongModeState,
     MsrResult,
     RunExit,
+    build_identity,
 )
 from pyvirt.hypervisor.emulated.engine import Segment as EngineSegment
-from pyvirt.hypervisor.emulated.irqchip import LAPIC_MMIO_SIZE, EmulatedIrqChip
+from pyvirt.hypervisor.emulated.irqchip import LAPIC_MMIO_SIZE, EmulatedIrqChip, IrqChipState
 from pyvirt.hypervisor.emulated.lapic import APIC_BUS_HZ, ApicBus, ApicMsrFault, LocalApic
 from pyvirt.memory import GuestMemory
+from pyvirt.state import StateError, check_version
 
 __all__ = [
     "ENGINE_DESCRIPTION",
     "PHYS_ADDR_BITS",
     "EmulatedHypervisor",
     "EmulatedVcpu",
+    "EmulatedVcpuState",
     "EmulatedVm",
+    "EmulatedVmState",
     "MsrRouter",
     "mmio_holes",
     "segment_flags",
@@ -161,18 +176,33 @@ def _engine_segment(seg: CpuSegment) -> EngineSegment:
 #: IA32_BIOS_SIGN_ID: Linux writes 0 and reads back the microcode revision
 #: (0 here: there is no microcode); the engine's MSR set lacks it.
 MSR_BIOS_SIGN_ID = 0x8B
+MSR_IA32_TSC = 0x10
+
+#: A restore refuses a saved TSC rate further than this from the host's
+#: (relative): the guest calibrated its clocks against the saved rate and the
+#: engine's RDTSC runs at the host's, unscaled.
+TSC_HZ_TOLERANCE = 0.001
 
 
 class MsrRouter:
-    """The engine's MSR callback: LAPIC MSRs to the LAPIC, the rest native."""
+    """The engine's MSR callback: LAPIC MSRs to the LAPIC, the rest native.
 
-    __slots__ = ("lapic",)
+    ``vm`` (optional) follows guest writes of IA32_TSC, so the LAPIC's
+    TSC-deadline timer reads the same guest TSC as RDTSC."""
 
-    def __init__(self, lapic: LocalApic) -> None:
+    __slots__ = ("count", "lapic", "vm")
+
+    def __init__(self, lapic: LocalApic, vm: EmulatedVm | None = None) -> None:
         self.lapic = lapic
+        self.vm = vm
+        self.count = 0
 
     def __call__(self, msr: int, is_write: bool, value: int) -> tuple[MsrResult, int]:
+        self.count += 1
         if not LocalApic.handles_msr(msr):
+            if msr == MSR_IA32_TSC and is_write and self.vm is not None:
+                self.vm.tsc_offset = value - hosttsc.rdtsc()  # the engine sets its own
+                return MsrResult.NATIVE, 0
             if msr == MSR_BIOS_SIGN_ID:
                 return MsrResult.HANDLED, 0
             if msr == MSR_IA32_ARCH_CAPABILITIES:  # read-only
@@ -193,10 +223,11 @@ class _BusWindow:
     (apart from the int the engine wants back).
     """
 
-    __slots__ = ("base", "bus", "device", "views")
+    __slots__ = ("base", "bus", "count", "device", "views")
 
     def __init__(self, base: int, *, bus: Bus | None = None,
                  device: BusDevice | None = None) -> None:
+        self.count = 0  # accesses (metrics)
         self.base = base
         self.bus = bus
         self.device = device
@@ -205,6 +236,7 @@ class _BusWindow:
         self.views = {n: mv[:n] for n in (1, 2, 4, 8)}
 
     def read(self, off: int, size: int) -> int:
+        self.count += 1
         data = self.views.get(size) or memoryview(bytearray(size))
         data[:] = b"\xff" * size  # bytes a device leaves alone read as all-ones
         if self.device is not None:
@@ -215,6 +247,7 @@ class _BusWindow:
         return int.from_bytes(data, "little")
 
     def write(self, off: int, size: int, value: int) -> None:
+        self.count += 1
         data = self.views.get(size) or memoryview(bytearray(size))
         data[:] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         if self.device is not None:
@@ -227,14 +260,16 @@ class _BusWindow:
 class _PortIo:
     """Engine IN/OUT hooks dispatching to the pio bus with reusable buffers."""
 
-    __slots__ = ("bus", "views")
+    __slots__ = ("bus", "count", "views")
 
     def __init__(self, bus: Bus) -> None:
+        self.count = 0  # IN/OUT instructions (metrics)
         self.bus = bus
         mv = memoryview(bytearray(4))
         self.views = {1: mv[:1], 2: mv[:2], 4: mv[:4]}
 
     def inp(self, port: int, size: int) -> int:
+        self.count += 1
         data = self.views[size]
         data[:] = b"\xff" * size
         found = self.bus.lookup(port)
@@ -245,6 +280,7 @@ class _PortIo:
         return int.from_bytes(data, "little")
 
     def out(self, port: int, size: int, value: int) -> None:
+        self.count += 1
         data = self.views[size]
         data[:] = value.to_bytes(size, "little")
         found = self.bus.lookup(port)
@@ -283,7 +319,7 @@ class EmulatedHypervisor:
 
         if not engine.available():
             raise HypervisorError(
-                "--accel emu: the installed unicorn lacks pyvirt's patches "
+                "accel: emu: the installed unicorn lacks pyvirt's patches "
                 "(run third_party/unicorn/build.sh .venv/bin/python)")
 
     def max_vcpus(self) -> int:
@@ -291,7 +327,7 @@ class EmulatedHypervisor:
 
     def create_vm(self, memory: GuestMemory, pio: Bus, mmio: Bus, *, num_cpus: int) -> EmulatedVm:
         if num_cpus > self.max_vcpus():
-            raise HypervisorError(f"--cpus {num_cpus}: the software CPU runs 1 vCPU for now")
+            raise HypervisorError(f"cpus: {num_cpus}: the software CPU runs 1 vCPU for now")
         return EmulatedVm(memory, pio, mmio, num_cpus)
 
 
@@ -328,14 +364,55 @@ class EmulatedMsiRoute:
         self._msg = None
 
 
+@dataclass(frozen=True)
+class EmulatedVmState:
+    """The VM-level state of the software CPU machine: the interrupt
+    controllers and timers, and the guest's clock at the save."""
+
+    version: int
+    num_cpus: int
+    tsc_hz: int
+    guest_tsc: int  # the guest TSC when saved ...
+    wall_ns: int  # ... and the host's wall clock then (time.time_ns)
+    chip: IrqChipState
+
+
+@dataclass(frozen=True)
+class EmulatedVcpuState:
+    version: int
+    index: int
+    engine: str  # engine.build_identity(): the context's layout
+    context: bytes  # Engine.context_bytes()
+    halted: bool  # in HLT, waiting for an interrupt
+    tsc_hz: int
+    guest_tsc: int
+    wall_ns: int
+
+
+def _check_clock(part: str, tsc_hz: object, guest_tsc: object, wall_ns: object,
+                 host_hz: int) -> None:
+    hz = check_int(part, "tsc_hz", tsc_hz, 1, 1 << 40)
+    check_int(part, "guest_tsc", guest_tsc, 0, (1 << 64) - 1)
+    check_int(part, "wall_ns", wall_ns, 0, (1 << 63) - 1)
+    if abs(hz - host_hz) > host_hz * TSC_HZ_TOLERANCE:
+        raise StateError(f"{part}: saved on a host whose TSC runs at {hz} Hz; this host's "
+                         f"runs at {host_hz} Hz (the software CPU does not scale the TSC)")
+
+
 class EmulatedVm:
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type] = EmulatedVmState
+
     def __init__(self, memory: GuestMemory, pio: Bus, mmio: Bus, num_cpus: int) -> None:
         self.memory = memory
         self.pio = pio
         self.mmio = mmio
         self.num_cpus = num_cpus
         self.tsc_hz = hosttsc.tsc_hz()
-        self.chip = EmulatedIrqChip(num_cpus, tsc_hz=self.tsc_hz, now_tsc=hosttsc.rdtsc,
+        #: guest TSC = host TSC + tsc_offset (what the LAPIC reads; each engine
+        #: keeps the same offset itself)
+        self.tsc_offset = 0
+        self.chip = EmulatedIrqChip(num_cpus, tsc_hz=self.tsc_hz, now_tsc=self.guest_tsc,
                                     apic_bus_hz=APIC_BUS_HZ)
         try:
             for base, length, dev, name in self.chip.pio_devices():
@@ -353,6 +430,60 @@ class EmulatedVm:
 
     def irq_line(self, gsi: int) -> IrqLine:
         return self.chip.irq_line(gsi)
+
+    def guest_tsc(self) -> int:
+        """The guest's TSC now (RDTSC in the guest returns the same)."""
+        return hosttsc.rdtsc() + self.tsc_offset
+
+    # -- saved state ---------------------------------------------------------
+
+    def save_state(self) -> EmulatedVmState:
+        """Interrupt controllers, timers and the guest clock; vCPUs parked."""
+        return EmulatedVmState(version=self.STATE_VERSION, num_cpus=self.num_cpus,
+                               tsc_hz=self.tsc_hz, guest_tsc=self.guest_tsc(),
+                               wall_ns=time.time_ns(), chip=self.chip.save_state())
+
+    def restore_state(self, st: EmulatedVmState) -> None:
+        """The controllers and timers as saved, on a clock moved on by the
+        wall-clock time since the save (vCPUs parked; restore guest memory
+        before this and before ``EmulatedVcpu.restore_state``).
+
+        The guest TSC continues at ``guest_tsc + elapsed * tsc_hz`` (never
+        backwards: a host clock behind the save's counts as no time), armed
+        timers fire at most once for the gap and periodic ones keep their
+        phase without catching up. A TSC rate other than this host's (beyond
+        ``TSC_HZ_TOLERANCE``) is refused rather than scaled. The vCPUs' INTR
+        pins are recomputed and translated code is dropped.
+        """
+        part = "vm"
+        check_version(part, st.version, self.STATE_VERSION)
+        if st.num_cpus != self.num_cpus:
+            raise StateError(f"{part}: saved with {st.num_cpus} vCPUs; this VM has "
+                             f"{self.num_cpus}")
+        elapsed = self.move_clock(part, st.tsc_hz, st.guest_tsc, st.wall_ns)
+        for v in self.vcpus:
+            v.engine.lower_irq()  # the chip raises it again where deliverable
+        self.chip.restore_state(st.chip, elapsed)
+        with self._dma_lock:
+            self._dma_ranges = []
+        for v in self.vcpus:
+            v.engine.flush_code()  # guest memory may be another's now
+
+    def move_clock(self, part: str, tsc_hz: object, guest_tsc: object,
+                   wall_ns: object) -> int:
+        """Set the guest TSC to ``guest_tsc`` moved on by the wall time since
+        ``wall_ns`` (on the LAPIC side and in every engine); return that time."""
+        _check_clock(part, tsc_hz, guest_tsc, wall_ns, self.tsc_hz)
+        assert isinstance(guest_tsc, int) and isinstance(wall_ns, int)
+        elapsed = max(0, time.time_ns() - wall_ns)
+        tsc = guest_tsc + elapsed * self.tsc_hz // 1_000_000_000
+        if tsc >> 64:
+            raise StateError(f"{part}: the guest TSC would overflow (saved {guest_tsc}, "
+                             f"{elapsed} ns ago)")
+        self.tsc_offset = tsc - hosttsc.rdtsc()
+        for v in self.vcpus:
+            v.engine.wrmsr(MSR_IA32_TSC, (hosttsc.rdtsc() + self.tsc_offset) % (1 << 64))
+        return elapsed
 
     def create_vcpu(self, index: int) -> EmulatedVcpu:
         if not 0 <= index < self.num_cpus:
@@ -433,10 +564,25 @@ class EmulatedVm:
 
 
 class EmulatedVcpu:
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type] = EmulatedVcpuState
+
     def __init__(self, vm: EmulatedVm, index: int) -> None:
         self.vm = vm
         self.index = index
         self._run_lock = threading.Lock()
+        # halted in Python (restored in HLT; see run()): woken by notify/kick
+        self._soft_halted = False
+        self._wake = threading.Event()
+        self._kicked = False
+        self._nmi_raised = False
+        # counters (metrics): plain ints bumped on paths that already cost µs
+        self.interrupts = 0
+        self.nmis = 0
+        self.kicks = 0
+        self._io: list[_PortIo] = []
+        self._mmio: list[_BusWindow] = []
+        self._msr: MsrRouter | None = None
         eng = self.engine = Engine(halt="block")
         try:
             self._setup(eng)
@@ -455,18 +601,37 @@ class EmulatedVcpu:
         for start, end in mmio_holes(ram):
             w = _BusWindow(start, bus=vm.mmio)
             eng.map_mmio(start, end - start, w.read, w.write)
+            self._mmio.append(w)
         lw = _BusWindow(LAPIC_ADDR, device=lapic)
         eng.map_mmio(LAPIC_ADDR, LAPIC_MMIO_SIZE, lw.read, lw.write)
+        self._mmio.append(lw)
         pio = _PortIo(vm.pio)
         eng.set_pio_handlers(pio.inp, pio.out)
-        eng.set_msr_callback(MsrRouter(lapic))
+        self._io.append(pio)
+        self._msr = MsrRouter(lapic, vm)
+        eng.set_msr_callback(self._msr)
         eng.set_cpuid(CpuidModel(vm.tsc_hz, APIC_BUS_HZ, apic_id=i))
-        eng.set_irq_callback(self._make_ack(chip, eng, i, vm))
-        chip.set_notify(i, self._make_notify(lapic, eng))
+        eng.set_irq_callback(self._make_ack(chip, eng, i, vm, self))
+        chip.set_notify(i, self._make_notify(lapic, eng, self))
+
+    def metrics(self) -> dict[str, int]:
+        """Monotonic counters: exits to Python by kind (``exits_io`` port I/O,
+        ``exits_mmio`` MMIO incl. the LAPIC page, ``exits_msr``, ``exits_cpuid``),
+        ``interrupts`` and ``nmis`` delivered, ``kicks``. HLT is not counted: it
+        sleeps inside the engine without leaving it."""
+        return {
+            "exits_io": sum(p.count for p in self._io),
+            "exits_mmio": sum(w.count for w in self._mmio),
+            "exits_msr": self._msr.count if self._msr is not None else 0,
+            "exits_cpuid": self.engine.cpuid_exits,
+            "interrupts": self.interrupts,
+            "nmis": self.nmis,
+            "kicks": self.kicks,
+        }
 
     @staticmethod
     def _make_ack(chip: EmulatedIrqChip, eng: Engine, i: int,
-                  vm: EmulatedVm) -> Callable[[], int]:
+                  vm: EmulatedVm, vcpu: EmulatedVcpu) -> Callable[[], int]:
         interrupt_for_cpu = chip.interrupt_for_cpu
         has_interrupt = chip.has_interrupt
         raise_irq = eng.raise_irq
@@ -483,6 +648,7 @@ class EmulatedVcpu:
             v = interrupt_for_cpu(i)
             if v is None:
                 return -1
+            vcpu.interrupts += 1
             if has_interrupt(i):
                 raise_irq()
             return v
@@ -490,20 +656,31 @@ class EmulatedVcpu:
         return ack
 
     @staticmethod
-    def _make_notify(lapic: LocalApic, eng: Engine) -> Callable[[], None]:
+    def _make_notify(lapic: LocalApic, eng: Engine, vcpu: EmulatedVcpu) -> Callable[[], None]:
         raise_irq = eng.raise_irq
 
         def notify() -> None:
             # may run on any thread with PIT/PIC/IOAPIC locks held (never the
-            # LAPIC's): only touch the engine, and the LAPIC's NMI latch
+            # LAPIC's): only touch the engine, the LAPIC's NMI latch and the
+            # vCPU's wake-up flags
             if lapic.nmi_pending() and lapic.take_nmi():
+                vcpu.nmis += 1
+                vcpu._nmi_raised = True
                 eng.raise_nmi()
             raise_irq()
+            if vcpu._soft_halted:
+                vcpu._wake.set()
 
         return notify
 
     def set_boot_state(self, state: CpuState) -> None:
         eng = self.engine
+        # a reboot in place: out of HLT, and no translated code of the last boot
+        # (the host loaded the kernel again, which TCG's SMC tracking cannot see;
+        # its cached code held the text Linux had patched at run time)
+        eng.unhalt()
+        self._soft_halted = self._nmi_raised = False
+        eng.flush_code()
         tr = state.tr
         eng.set_long_mode(LongModeState(
             rip=state.rip, cr3=state.cr3, rsp=state.rsp, rsi=state.rsi, rflags=state.rflags,
@@ -531,12 +708,15 @@ class EmulatedVcpu:
     def run(self) -> VcpuExit:
         eng = self.engine
         with self._run_lock:
+            if self._soft_halted and not self._soft_halt_wait():
+                return VcpuExit(ExitKind.KICKED)
             while True:
                 try:
                     r = eng.run()
                 except EngineError as exc:
                     return VcpuExit(ExitKind.INTERNAL_ERROR, f"engine: {exc}", self.registers())
                 if r is RunExit.STOPPED:
+                    self._kicked = False
                     self.vm.apply_dma_invalidations()
                     return VcpuExit(ExitKind.KICKED)
                 if r is RunExit.SHUTDOWN:
@@ -559,8 +739,86 @@ class EmulatedVcpu:
             hint = " (guest-physical address beyond the CPU's physical address width)"
         return f"software CPU stopped: {what}{where}{hint}"
 
+    def _soft_halt_wait(self) -> bool:
+        """HLT for a vCPU restored halted (the engine itself cannot be put into
+        HLT): sleep until an interrupt it would take (IF=1) or an NMI is
+        pending, then let the engine take it, as it would leave HLT (RIP
+        already points after the HLT). False when kicked first (still halted)."""
+        eng = self.engine
+        while True:
+            self._wake.clear()
+            if self._kicked:
+                eng.run()  # consumes the engine's sticky kick: returns before any insn
+                self._kicked = False
+                return False
+            if self._nmi_raised or (eng.reg("rflags") & 0x200
+                                    and self.vm.chip.has_interrupt(self.index)):
+                self._soft_halted = False
+                return True
+            self._wake.wait()
+
     def kick(self) -> None:
+        self.kicks += 1
+        self._kicked = True
         self.engine.stop()
+        self._wake.set()
+
+    # -- saved state ---------------------------------------------------------
+
+    def save_state(self) -> EmulatedVcpuState:
+        """The whole CPU context (``Engine.context_bytes``), whether it is in
+        HLT, and the guest TSC. Only while parked (``run()`` not running)."""
+        if not self._run_lock.acquire(blocking=False):
+            raise HypervisorError(f"vCPU {self.index} is running: park it before saving")
+        try:
+            eng = self.engine
+            return EmulatedVcpuState(
+                version=self.STATE_VERSION, index=self.index,
+                engine=build_identity(eng.context_size()),
+                context=eng.context_bytes(), halted=self._soft_halted or eng.halted,
+                tsc_hz=self.vm.tsc_hz, guest_tsc=eng.rdmsr(MSR_IA32_TSC),
+                wall_ns=time.time_ns())
+        finally:
+            self._run_lock.release()
+
+    def restore_state(self, st: EmulatedVcpuState) -> None:
+        """Load a saved CPU (parked; fresh or used). Refused (``StateError``)
+        when saved by another engine build, for another vCPU, or on a host
+        whose TSC rate differs. The guest TSC moves on by the wall time since
+        the save (``EmulatedVm.move_clock``); a vCPU saved in HLT stays there
+        until an interrupt; INTR is raised if one is deliverable.
+
+        The raw context is checked only for its build and size: its contents
+        are trusted as the checksummed snapshot's."""
+        part = f"vcpu{self.index}"
+        check_version(part, st.version, self.STATE_VERSION)
+        check_int(part, "index", st.index, self.index, self.index)
+        ours = build_identity(self.engine.context_size())
+        if st.engine != ours:
+            raise StateError(f"{part}: saved by another software CPU engine ({st.engine}); "
+                             f"this one is {ours}")
+        if type(st.context) is not bytes or len(st.context) != self.engine.context_size():
+            raise StateError(f"{part}: saved CPU context has the wrong size")
+        check_bool(part, "halted", st.halted)
+        _check_clock(part, st.tsc_hz, st.guest_tsc, st.wall_ns, self.vm.tsc_hz)
+        if not self._run_lock.acquire(blocking=False):
+            raise HypervisorError(f"vCPU {self.index} is running: park it before restoring")
+        try:
+            eng = self.engine
+            try:
+                eng.unhalt()
+                eng.set_context_bytes(st.context)
+            except EngineError as exc:
+                raise StateError(f"{part}: the engine refused the saved CPU context: "
+                                 f"{exc}") from None
+            self.vm.move_clock(part, st.tsc_hz, st.guest_tsc, st.wall_ns)
+            self._soft_halted = st.halted
+            self._nmi_raised = False
+            eng.lower_irq()
+            if self.vm.chip.has_interrupt(self.index):
+                eng.raise_irq()
+        finally:
+            self._run_lock.release()
 
     def registers(self) -> dict[str, int]:
         try:
@@ -570,7 +828,7 @@ class EmulatedVcpu:
 
     def close(self) -> None:
         self.vm.chip.set_notify(self.index, None)
-        self.engine.stop()
+        self.kick()  # also wakes a vCPU halted in Python (_soft_halt_wait)
         # a vCPU thread that never came back still uses the engine: leak it then
         if self._run_lock.acquire(timeout=2.0):
             try:

@@ -20,6 +20,8 @@ API (all addresses are guest-physical unless said otherwise)::
     reason = eng.run()                        # -> RunExit (STOPPED/HALTED/SHUTDOWN/...)
     eng.stop()                                # any thread: run() returns STOPPED soon
     eng.registers()                           # dict for crash reports
+    eng.context_bytes() / set_context_bytes() # the whole CPU context (saved state)
+    eng.unhalt()                              # leave HLT without running guest code
 
 Threading: ``run()`` releases the GIL (ctypes) and calls back into Python for
 I/O, MMIO, MSR, CPUID and interrupt acknowledgement on the calling thread.
@@ -36,7 +38,10 @@ the vCPU and is re-raised from ``run()``.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import enum
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +75,7 @@ __all__ = [
     "RunExit",
     "Segment",
     "available",
+    "build_identity",
 ]
 
 # Descriptor-cache flag words (the descriptor's high dword) for flat segments.
@@ -80,6 +86,41 @@ TSS64_FLAGS = 0x00008B00  # P, DPL0, busy 64-bit TSS
 CR4_PGE = 1 << 7  # the only control bit this layer uses that arch/x86_64/boot.py does not
 
 _UNTIL_NEVER = 0xFFFF_FFFF_FFFF_FFFF
+
+# struct uc_context's header before its data[] (uc_priv.h: size_t, two enums,
+# int, bool, two pointers) on LP64
+_CONTEXT_HEADER = 40
+# cpu_breakpoint[4] / cpu_watchpoint[4]: host pointers inside CPUX86State
+_BREAKPOINT_PTRS = 4 * 8
+# CPUX86State.retaddr (uintptr_t), the last field before end_reset_fields
+_RETADDR = 8
+# offsets found once per process (the layout is the build's)
+_layout: dict[str, int] = {}
+
+
+@functools.cache
+def _build_stamp() -> str:
+    from pathlib import Path
+
+    lib_dir = Path(unicorn.__file__).parent / "lib"
+    try:
+        stamp = (lib_dir / "pyvirt-patches.stamp").read_text().strip()
+    except OSError:
+        stamp = "unstamped"
+    try:
+        patches = ",".join(sorted(line.split("-", 1)[0] for line in
+                                  (lib_dir / "pyvirt-patches.list").read_text().split()))
+    except OSError:
+        patches = "?"
+    return (f"unicorn {getattr(unicorn, '__version__', '?')} patches {patches} "
+            f"build {stamp[:16]}")
+
+
+def build_identity(context_size: int) -> str:
+    """What a saved CPU context depends on: the unicorn version, the exact
+    patched build (build.sh's stamp: sdist + build script + patches) and the
+    context size (``Engine.context_size``). Another build's context is refused."""
+    return f"{_build_stamp()} context {context_size}"
 
 
 class EngineError(Exception):
@@ -194,6 +235,9 @@ class Engine:
         if mode is None:
             raise EngineError(f"halt must be 'block' or 'return', not {halt!r}")
         self._check(self._lib.uc_x86_set_halt_mode(self._h, mode), "set_halt_mode")
+        self._halt_mode = mode
+        #: CPUID instructions answered (the callback's count; metrics)
+        self.cpuid_exits = 0
 
     # -- memory --------------------------------------------------------
 
@@ -321,6 +365,7 @@ class Engine:
                 return table.get((leaf, sub), table.get(leaf, regs))
 
         def _cb(_h: Any, leaf: int, sub: int, regs: Any, _ud: Any) -> None:
+            self.cpuid_exits += 1
             try:
                 out = fn(leaf, sub, (regs[0], regs[1], regs[2], regs[3]))
                 for i in range(4):
@@ -411,6 +456,124 @@ class Engine:
         out = {name: self.reg(name) for name in _GPRS}
         out["efer"] = self.rdmsr(MSR_EFER)
         return out
+
+    # -- the whole CPU context (saved state) --------------------------------
+
+    def context_size(self) -> int:
+        """Bytes of QEMU's ``CPUX86State`` that ``uc_context_save`` copies (up to
+        ``end_reset_fields``): build-dependent, part of ``build_identity``."""
+        total = int(self._lib.uc_context_size(self._h))
+        return total - _CONTEXT_HEADER
+
+    def context_bytes(self) -> bytes:
+        """The engine's CPU context: every register QEMU keeps in ``CPUX86State``
+        (GPRs, RIP/RFLAGS, segment registers with their descriptor caches,
+        GDTR/IDTR/LDTR/TR, CR0-8, DR0-7, EFER and the MSR set, FPU/SSE state,
+        hflags/hflags2 with the interrupt shadow and NMI blocking, TSC offset).
+
+        The layout is that of this build (``build_identity``). Its host
+        addresses are zeroed, so a saved context holds none: the four pointers
+        to QEMU breakpoint objects (armed by DR7) and ``retaddr`` (the last
+        field: a helper's return address, set before each use). Not included: the halted flag and
+        pending INTR/NMI requests (``CPUState``, not ``CPUX86State``).
+        Only while the engine is stopped."""
+        data = bytearray(self._raw_context())
+        off = self._breakpoint_offset()
+        data[off:off + _BREAKPOINT_PTRS] = bytes(_BREAKPOINT_PTRS)
+        data[-_RETADDR:] = bytes(_RETADDR)
+        return bytes(data)
+
+    def set_context_bytes(self, data: bytes) -> None:
+        """Load a context from ``context_bytes`` (same build: the caller checks
+        ``build_identity``). Only while the engine is stopped.
+
+        The breakpoint pointers and, when this engine has any breakpoint armed,
+        DR7 are kept from this engine, so QEMU's breakpoint list stays consistent;
+        the guest's armed hardware breakpoints are therefore not carried over
+        (DR0-3/DR6/DR7 values are; Linux re-arms them by writing DR7). The TLB
+        and the translated code are dropped: CR3 and guest memory may differ."""
+        size = self.context_size()
+        if len(data) != size:
+            raise EngineError(f"CPU context is {len(data)} bytes; this engine's is {size}")
+        cur = self._raw_context()
+        off = self._breakpoint_offset()
+        new = bytearray(data)
+        keep = cur[off:off + _BREAKPOINT_PTRS]
+        new[off:off + _BREAKPOINT_PTRS] = keep
+        new[-_RETADDR:] = cur[-_RETADDR:]
+        if any(keep):
+            dr7 = off - 8  # dr[7], the last of dr[0..7] just before the pointers
+            new[dr7:dr7 + 8] = cur[dr7:dr7 + 8]
+        ctx = ctypes.c_void_p()
+        self._check(self._lib.uc_context_alloc(self._h, ctypes.byref(ctx)), "context_alloc")
+        try:
+            assert ctx.value is not None
+            ctypes.memmove(ctx.value + _CONTEXT_HEADER, bytes(new), size)
+            self._check(self._lib.uc_context_restore(self._h, ctx), "context_restore")
+        finally:
+            self._lib.uc_context_free(ctx)
+        # the raw copy bypassed cpu_x86_update_cr*: flush the softmmu TLB and
+        # recompute what QEMU derives from CR0/CR3/CR4 by writing them back
+        for reg in (x86.UC_X86_REG_CR4, x86.UC_X86_REG_CR3, x86.UC_X86_REG_CR0):
+            self.uc.reg_write(reg, self.uc.reg_read(reg))
+        self.flush_code()
+
+    def flush_code(self) -> None:
+        """Drop all translated code (guest RAM was rewritten from the host
+        wholesale: a restore, a reboot's kernel load). Only while stopped."""
+        self.uc.ctl_flush_tb()
+
+    def _raw_context(self) -> bytes:
+        size = self.context_size()
+        ctx = ctypes.c_void_p()
+        self._check(self._lib.uc_context_alloc(self._h, ctypes.byref(ctx)), "context_alloc")
+        try:
+            self._check(self._lib.uc_context_save(self._h, ctx), "context_save")
+            assert ctx.value is not None
+            return ctypes.string_at(ctx.value + _CONTEXT_HEADER, size)
+        finally:
+            self._lib.uc_context_free(ctx)
+
+    def _breakpoint_offset(self) -> int:
+        """Offset of ``cpu_breakpoint[4]`` in the context: right after ``dr[8]``,
+        which is found by writing marker values to DR0-7 (a plain store through
+        the register API) and looking for them."""
+        cached: int | None = _layout.get("breakpoints")
+        if cached is not None:
+            return cached
+        regs = [getattr(x86, f"UC_X86_REG_DR{i}") for i in range(8)]
+        saved = [int(self.uc.reg_read(r)) for r in regs]
+        markers = [0x5059_5649_5254_0000 | (0xA5 << 8) | i for i in range(8)]
+        try:
+            for r, m in zip(regs, markers, strict=True):
+                self.uc.reg_write(r, m)
+            raw = self._raw_context()
+        finally:
+            for r, v in zip(regs, saved, strict=True):
+                self.uc.reg_write(r, v)
+        pattern = b"".join(m.to_bytes(8, "little") for m in markers)
+        at = raw.find(pattern)
+        if at < 0 or raw.find(pattern, at + 1) >= 0:
+            raise EngineError("cannot locate DR0-7 in the engine's CPU context")
+        _layout["breakpoints"] = at + len(pattern)
+        return at + len(pattern)
+
+    def unhalt(self) -> None:
+        """Leave the halted state without executing guest code (unicorn clears
+        ``halted`` when a run starts in stock halt mode; a pending kick then
+        stops that run before its first instruction)."""
+        if not self.halted:
+            return
+        self._check(self._lib.uc_x86_set_halt_mode(self._h, _uc.HALT_STOCK), "set_halt_mode")
+        try:
+            self._lib.uc_x86_kick(self._h)
+            with contextlib.suppress(UcError):
+                self.uc.emu_start(self.reg("rip"), self._until, 0, 0)
+        finally:
+            self._check(self._lib.uc_x86_set_halt_mode(self._h, self._halt_mode),
+                        "set_halt_mode")
+        if self.halted:
+            raise EngineError("the vCPU is still halted")
 
     # -- running -----------------------------------------------------------
 

@@ -17,11 +17,15 @@ IOAPIC -> LAPIC); the LAPICs call ``eoi`` after releasing their own lock.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
+from typing import ClassVar
 
 from pyvirt.devices.irq import IrqLine
+from pyvirt.hypervisor.emulated._staterec import check_bool, check_int, check_len
 from pyvirt.hypervisor.emulated.lapic import ApicBus
+from pyvirt.state import check_version
 
-__all__ = ["IOAPIC_MMIO_SIZE", "IOAPIC_PINS", "IOAPIC_VERSION", "IoApic"]
+__all__ = ["IOAPIC_MMIO_SIZE", "IOAPIC_PINS", "IOAPIC_VERSION", "IoApic", "IoApicState"]
 
 IOAPIC_PINS = 24
 IOAPIC_VERSION = 0x20
@@ -61,7 +65,19 @@ class _Pin:
         self.ioapic.set_irq(self.pin, level)
 
 
+@dataclass(frozen=True)
+class IoApicState:
+    version: int
+    ioapic_id: int
+    regsel: int
+    rte: tuple[int, ...]  # redirection entries (64-bit), remote IRR included
+    level: tuple[bool, ...]  # input lines as last driven
+
+
 class IoApic:
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type] = IoApicState
+
     def __init__(self, bus: ApicBus, *, ioapic_id: int = 0, pins: int = IOAPIC_PINS) -> None:
         self.bus = bus
         self.pins = pins
@@ -176,3 +192,33 @@ class IoApic:
                 self._write_reg_locked(self.regsel, value & 0xFFFF_FFFF)
         if offset == IOEOI:
             self.eoi(value & 0xFF)
+
+    # -- saved state ------------------------------------------------------------
+
+    def save_state(self) -> IoApicState:
+        with self._lock:
+            return IoApicState(version=self.STATE_VERSION, ioapic_id=self.ioapic_id,
+                               regsel=self.regsel, rte=tuple(self.rte),
+                               level=tuple(self._level))
+
+    def restore_state(self, st: IoApicState) -> None:
+        """Registers and line levels as saved. Nothing is delivered: what was
+        in flight sits in the LAPICs' IRR (restored with them) or behind
+        remote IRR, exactly as at the save."""
+        part = "ioapic"
+        check_version(part, st.version, self.STATE_VERSION)
+        check_int(part, "ioapic_id", st.ioapic_id, 0, 0xF)
+        check_int(part, "regsel", st.regsel, 0, 0xFF)
+        check_len(part, "rte", st.rte, self.pins)
+        check_len(part, "level", st.level, self.pins)
+        for i, v in enumerate(st.rte):
+            check_int(part, f"rte[{i}]", v, 0, (1 << 64) - 1)
+        for i, b in enumerate(st.level):
+            check_bool(part, f"level[{i}]", b)
+        with self._lock:
+            self.ioapic_id = st.ioapic_id
+            self.regsel = st.regsel
+            ro = RTE_DELIVERY_STATUS | RTE_REMOTE_IRR
+            self.rte = [v & ((_RTE_HIGH_WRITABLE << 32) | _RTE_LOW_WRITABLE | ro)
+                        for v in st.rte]
+            self._level = list(st.level)

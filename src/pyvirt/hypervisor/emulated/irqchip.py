@@ -25,17 +25,21 @@ Threads and locks:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 from pyvirt.arch.x86_64.layout import IOAPIC_ADDR, LAPIC_ADDR
 from pyvirt.devices.bus import BusDevice
 from pyvirt.devices.irq import IrqLine
-from pyvirt.hypervisor.emulated.ioapic import IOAPIC_MMIO_SIZE, IOAPIC_PINS, IoApic
-from pyvirt.hypervisor.emulated.lapic import APIC_BUS_HZ, ApicBus, LocalApic
-from pyvirt.hypervisor.emulated.pic import Pic8259Pair
-from pyvirt.hypervisor.emulated.pit import Pit8254
+from pyvirt.hypervisor.emulated._staterec import check_len
+from pyvirt.hypervisor.emulated.ioapic import IOAPIC_MMIO_SIZE, IOAPIC_PINS, IoApic, IoApicState
+from pyvirt.hypervisor.emulated.lapic import APIC_BUS_HZ, ApicBus, LapicState, LocalApic
+from pyvirt.hypervisor.emulated.pic import Pic8259Pair, PicPairState
+from pyvirt.hypervisor.emulated.pit import Pit8254, PitState
 from pyvirt.hypervisor.emulated.timers import TimerService
+from pyvirt.state import check_version
 
-__all__ = ["LAPIC_MMIO_SIZE", "DeviceRange", "EmulatedIrqChip"]
+__all__ = ["LAPIC_MMIO_SIZE", "DeviceRange", "EmulatedIrqChip", "IrqChipState"]
 
 LAPIC_MMIO_SIZE = 0x1000
 ISA_IRQS = 16
@@ -68,7 +72,19 @@ class _IsaIrq:
         self.ioapic.set_irq(self.gsi, level)
 
 
+@dataclass(frozen=True)
+class IrqChipState:
+    version: int
+    lapics: tuple[LapicState, ...]
+    ioapic: IoApicState
+    pic: PicPairState
+    pit: PitState
+
+
 class EmulatedIrqChip:
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type] = IrqChipState
+
     def __init__(self, num_cpus: int, *, tsc_hz: int,
                  now_tsc: Callable[[], int] | None = None,
                  timers: TimerService | None = None,
@@ -166,6 +182,28 @@ class EmulatedIrqChip:
         return [(IOAPIC_ADDR, IOAPIC_MMIO_SIZE, self.ioapic, "ioapic")]
 
     lapic_base = LAPIC_ADDR
+
+    # -- saved state ------------------------------------------------------------
+
+    def save_state(self) -> IrqChipState:
+        """Every controller; call with the vCPUs parked (timers may still fire:
+        each part is saved under its own lock, consistent in itself)."""
+        return IrqChipState(version=self.STATE_VERSION,
+                            lapics=tuple(a.save_state() for a in self._lapics),
+                            ioapic=self.ioapic.save_state(), pic=self.pic.save_state(),
+                            pit=self.pit.save_state())
+
+    def restore_state(self, st: IrqChipState, elapsed_ns: int = 0) -> None:
+        """Every controller as saved, timers re-armed ``elapsed_ns`` of wall
+        time later (see ``LocalApic.restore_state``); the LAPICs come last and
+        announce what is deliverable through their ``notify``."""
+        check_version("irqchip", st.version, self.STATE_VERSION)
+        check_len("irqchip", "lapics", st.lapics, len(self._lapics))
+        self.pic.restore_state(st.pic)
+        self.ioapic.restore_state(st.ioapic)
+        self.pit.restore_state(st.pit, elapsed_ns)
+        for lapic, ls in zip(self._lapics, st.lapics, strict=True):
+            lapic.restore_state(ls, elapsed_ns)
 
     def close(self) -> None:
         self.pit.close()

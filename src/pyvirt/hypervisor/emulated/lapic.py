@@ -21,8 +21,19 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
+from pyvirt.hypervisor.emulated._staterec import (
+    MAX_REL_NS,
+    bits_from_bytes,
+    bits_to_bytes,
+    check_bool,
+    check_int,
+    check_len,
+)
 from pyvirt.hypervisor.emulated.timers import TimerHandle, TimerService
+from pyvirt.state import StateError, check_version
 
 __all__ = [
     "APIC_BUS_HZ",
@@ -38,6 +49,7 @@ __all__ = [
     "MSR_IA32_TSC_DEADLINE",
     "ApicBus",
     "ApicMsrFault",
+    "LapicState",
     "LocalApic",
 ]
 
@@ -186,7 +198,43 @@ class ApicBus:
         return accepted
 
 
+@dataclass(frozen=True)
+class LapicState:
+    """One LAPIC. Times are nanoseconds relative to the moment of saving, so
+    a restore places them on its own clock (moved on by the time elapsed)."""
+
+    version: int
+    id: int
+    base_msr: int
+    tpr: int
+    ldr: int
+    dfr: int
+    svr: int
+    isr: bytes  # 256-bit vector sets, little-endian (msgpack ints stop at 64 bits)
+    tmr: bytes
+    irr: bytes
+    esr: int
+    esr_pending: int
+    icr_lo: int
+    icr_dest: int
+    lvt: tuple[int, ...]
+    tdcr: int
+    tmict: int
+    tsc_deadline: int  # guest TSC (absolute)
+    sipi_vector: int | None
+    lint_level: tuple[bool, ...]
+    nmi_pending: bool
+    extint_msg: bool
+    timer_armed: bool
+    timer_next_ns: int  # when the armed timer fires, relative to the save (<0: overdue)
+    count_start_ns: int | None  # one-shot/periodic: when the count was loaded (relative)
+    period_ns: int
+
+
 class LocalApic:
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type] = LapicState
+
     def __init__(self, apic_id: int, *, bus: ApicBus, timers: TimerService, tsc_hz: int,
                  now_tsc: Callable[[], int], bsp: bool = False, bus_hz: int = APIC_BUS_HZ,
                  notify: Callable[[], None] | None = None,
@@ -813,6 +861,103 @@ class LocalApic:
     def close(self) -> None:
         with self._lock:
             self._stop_timer_locked()
+
+    # -- saved state ------------------------------------------------------------
+
+    def save_state(self) -> LapicState:
+        with self._lock:
+            now = self._timers.now_ns()
+            armed = self._timer_handle is not None
+            start = self._count_start_ns
+            return LapicState(
+                version=self.STATE_VERSION, id=self.id, base_msr=self.base_msr, tpr=self.tpr,
+                ldr=self.ldr, dfr=self.dfr, svr=self.svr, isr=bits_to_bytes(self.isr, 32),
+                tmr=bits_to_bytes(self.tmr, 32), irr=bits_to_bytes(self.irr, 32),
+                esr=self.esr, esr_pending=self._esr_pending, icr_lo=self.icr_lo,
+                icr_dest=self.icr_dest, lvt=tuple(self.lvt), tdcr=self.tdcr, tmict=self.tmict,
+                tsc_deadline=self.tsc_deadline, sipi_vector=self.sipi_vector,
+                lint_level=tuple(self._lint_level), nmi_pending=self._nmi_pending,
+                extint_msg=self._extint_msg, timer_armed=armed,
+                timer_next_ns=self._next_ns - now if armed else 0,
+                count_start_ns=None if start is None else start - now,
+                period_ns=self._period_ns)
+
+    def restore_state(self, st: LapicState, elapsed_ns: int = 0) -> None:
+        """Load ``st`` (any previous state is dropped, timers included).
+
+        ``elapsed_ns`` is the wall time since the save: relative times are
+        placed that far in the past, so an overdue one-shot or TSC-deadline
+        timer fires once now and a periodic one keeps its phase without
+        catching up the periods it missed. The TSC deadline compares with the
+        guest TSC (``now_tsc``), which the caller has already moved on.
+        Interrupts this leaves deliverable are announced through ``notify``.
+        """
+        part = f"lapic{self.initial_id}"
+        check_version(part, st.version, self.STATE_VERSION)
+        u32 = 0xFFFF_FFFF
+        check_int(part, "id", st.id, 0, u32)
+        check_int(part, "base_msr", st.base_msr, 0, (1 << 52) - 1)
+        if st.base_msr & 0x2FF or (st.base_msr & APIC_BASE_EXTD
+                                   and not st.base_msr & APIC_BASE_EN):
+            raise StateError(f"{part}: saved state field base_msr = {st.base_msr:#x} is "
+                             "not a valid IA32_APIC_BASE")
+        check_int(part, "tpr", st.tpr, 0, 0xFF)
+        for name in ("ldr", "dfr", "esr", "esr_pending", "icr_lo", "icr_dest", "tmict"):
+            check_int(part, name, getattr(st, name), 0, u32)
+        check_int(part, "svr", st.svr, 0, 0x3FF)
+        check_int(part, "tdcr", st.tdcr, 0, 0xB)
+        check_int(part, "tsc_deadline", st.tsc_deadline, 0, (1 << 64) - 1)
+        isr = bits_from_bytes(part, "isr", st.isr, 32)
+        tmr = bits_from_bytes(part, "tmr", st.tmr, 32)
+        irr = bits_from_bytes(part, "irr", st.irr, 32)
+        check_len(part, "lvt", st.lvt, 6)
+        for i, v in enumerate(st.lvt):
+            check_int(part, f"lvt[{i}]", v, 0, u32)
+        if st.sipi_vector is not None:
+            check_int(part, "sipi_vector", st.sipi_vector, 0, 0xFF)
+        check_len(part, "lint_level", st.lint_level, 2)
+        for i, b in enumerate(st.lint_level):
+            check_bool(part, f"lint_level[{i}]", b)
+        for name in ("nmi_pending", "extint_msg", "timer_armed"):
+            check_bool(part, name, getattr(st, name))
+        check_int(part, "timer_next_ns", st.timer_next_ns, -MAX_REL_NS, MAX_REL_NS)
+        if st.count_start_ns is not None:
+            check_int(part, "count_start_ns", st.count_start_ns, -MAX_REL_NS, MAX_REL_NS)
+        check_int(part, "period_ns", st.period_ns, 0, MAX_REL_NS)
+        check_int(part, "elapsed_ns", elapsed_ns, 0, MAX_REL_NS)
+        out: list[Action] = []
+        with self._lock:
+            self._stop_timer_locked()
+            self.id, self.base_msr, self.tpr = st.id, st.base_msr, st.tpr
+            self.ldr, self.dfr, self.svr = st.ldr, st.dfr, st.svr
+            self.isr, self.tmr, self.irr = isr, tmr, irr
+            self.esr, self._esr_pending = st.esr, st.esr_pending
+            self.icr_lo, self.icr_dest = st.icr_lo, st.icr_dest
+            self.lvt = [v & (_LVT_WRITABLE[i] | LVT_MASKED) for i, v in enumerate(st.lvt)]
+            self.tdcr, self.tmict, self.tsc_deadline = st.tdcr, st.tmict, st.tsc_deadline
+            self.sipi_vector = st.sipi_vector
+            self._lint_level = list(st.lint_level)
+            self._nmi_pending, self._extint_msg = st.nmi_pending, st.extint_msg
+            if st.timer_armed:
+                if self._timer_mode_locked() == TIMER_TSC_DEADLINE:
+                    # absolute in guest TSC: overdue -> fires once, now
+                    self._arm_tsc_deadline_locked(st.tsc_deadline, out)
+                else:
+                    base = self._timers.now_ns() - elapsed_ns  # the save, on our clock
+                    self._count_start_ns = (None if st.count_start_ns is None
+                                            else base + st.count_start_ns)
+                    self._period_ns = st.period_ns
+                    # in the past: the timer thread runs it at once, and a periodic
+                    # timer goes on from the next boundary after now (no catch-up)
+                    self._schedule_locked(base + st.timer_next_ns)
+            elif st.count_start_ns is not None and self.tmict:
+                # an expired one-shot count keeps reading 0
+                self._count_start_ns = self._timers.now_ns() - elapsed_ns + st.count_start_ns
+                self._period_ns = st.period_ns
+            if self._nmi_pending:
+                out.append(self._call_notify)
+            self._notify_if_deliverable_locked(out)
+        _run(out)
 
     def __repr__(self) -> str:
         return f"<LocalApic id={self.id} base={self.base_msr:#x} svr={self.svr:#x}>"

@@ -18,8 +18,46 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
-__all__ = ["Pic8259", "Pic8259Pair"]
+from pyvirt.hypervisor.emulated._staterec import check_bool, check_int
+from pyvirt.state import StateError, check_version
+
+__all__ = ["Pic8259", "Pic8259Pair", "Pic8259State", "PicPairState"]
+
+# the 8-bit registers and the flags of one 8259, by attribute name
+_PIC_BYTES = ("elcr", "last_level", "irr", "isr", "imr", "vector_base")
+_PIC_FLAGS = ("need_icw4", "single", "auto_eoi", "rotate_on_aeoi", "special_mask",
+              "special_fully_nested", "read_isr", "poll")
+
+
+@dataclass(frozen=True)
+class Pic8259State:
+    elcr: int
+    last_level: int
+    irr: int
+    isr: int
+    imr: int
+    vector_base: int
+    init_step: int
+    need_icw4: bool
+    single: bool
+    auto_eoi: bool
+    rotate_on_aeoi: bool
+    special_mask: bool
+    special_fully_nested: bool
+    read_isr: bool
+    poll: bool
+    lowest: int
+
+
+@dataclass(frozen=True)
+class PicPairState:
+    version: int
+    master: Pic8259State
+    slave: Pic8259State
+    output: bool
 
 
 class Pic8259:
@@ -161,6 +199,27 @@ class Pic8259:
     def read_cmd(self) -> int:
         return self.isr if self.read_isr else self.irr
 
+    def save_state(self) -> Pic8259State:
+        return Pic8259State(**{name: getattr(self, name) for name in
+                               (*_PIC_BYTES, "init_step", *_PIC_FLAGS, "lowest")})
+
+    @staticmethod
+    def check_state(st: Pic8259State, part: str) -> None:
+        for name in _PIC_BYTES:
+            check_int(part, name, getattr(st, name), 0, 0xFF)
+        if check_int(part, "init_step", st.init_step, 0, 4) == 1:
+            raise StateError(f"{part}: saved state field init_step = 1 is out of range")
+        for name in _PIC_FLAGS:
+            check_bool(part, name, getattr(st, name))
+        check_int(part, "lowest", st.lowest, 0, 7)
+
+    def restore_state(self, st: Pic8259State) -> None:
+        """Load a record that ``check_state`` accepted."""
+        for name in (*_PIC_BYTES, "init_step", *_PIC_FLAGS, "lowest"):
+            setattr(self, name, getattr(st, name))
+        self.elcr &= self.elcr_mask
+        self.vector_base &= 0xF8
+
 
 class _Port:
     """A BusDevice for one chip's two ports, or the ELCR pair."""
@@ -180,6 +239,8 @@ class _Port:
 
 class Pic8259Pair:
     CASCADE_IRQ = 2
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type] = PicPairState
 
     def __init__(self, on_output: Callable[[bool], None] | None = None) -> None:
         self._lock = threading.Lock()
@@ -287,3 +348,22 @@ class Pic8259Pair:
                 else:
                     chip.write_cmd(value)
             self._update_locked()
+
+    # -- saved state -------------------------------------------------------------
+
+    def save_state(self) -> PicPairState:
+        with self._lock:
+            return PicPairState(version=self.STATE_VERSION, master=self.master.save_state(),
+                                slave=self.slave.save_state(), output=self._output)
+
+    def restore_state(self, st: PicPairState) -> None:
+        """Both 8259s as saved; the INT output level is the saved one (the
+        LAPICs' LINT0 level is restored with them), not re-announced."""
+        check_version("pic", st.version, self.STATE_VERSION)
+        check_bool("pic", "output", st.output)
+        Pic8259.check_state(st.master, "pic.master")
+        Pic8259.check_state(st.slave, "pic.slave")
+        with self._lock:
+            self.master.restore_state(st.master)
+            self.slave.restore_state(st.slave)
+            self._output = st.output

@@ -20,11 +20,15 @@ picked up before a reprogramming does nothing.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
+from typing import ClassVar
 
 from pyvirt.devices.irq import IrqLine
+from pyvirt.hypervisor.emulated._staterec import MAX_REL_NS, check_bool, check_int, check_len
 from pyvirt.hypervisor.emulated.timers import TimerHandle, TimerService
+from pyvirt.state import check_version
 
-__all__ = ["PIT_HZ", "Pit8254", "SpeakerPort"]
+__all__ = ["PIT_HZ", "Pit8254", "PitChannelState", "PitState", "SpeakerPort"]
 
 PIT_HZ = 1_193_182
 _NS = 1_000_000_000
@@ -43,6 +47,36 @@ def _to_bcd(v: int) -> int:
 def _from_bcd(v: int) -> int:
     digits = f"{v:x}"
     return int(digits) if digits.isdigit() else v  # a non-BCD digit: take it as binary
+
+
+@dataclass(frozen=True)
+class PitChannelState:
+    mode: int
+    rw: int
+    bcd: bool
+    reload: int
+    gate: bool
+    loaded: bool
+    start_ns: int | None  # relative to the save
+    frozen_ticks: int
+    null_count: bool
+    latch: tuple[int, ...]
+    status: int | None
+    read_msb: bool
+    write_msb: bool
+    write_lsb: int
+
+
+@dataclass(frozen=True)
+class PitState:
+    version: int
+    channels: tuple[PitChannelState, ...]
+    speaker_data: bool
+    refresh: bool
+    irq_level: bool
+
+
+_CH_FLAGS = ("bcd", "gate", "loaded", "null_count", "read_msb", "write_msb")
 
 
 class _Channel:
@@ -107,6 +141,9 @@ class _Channel:
 
 
 class Pit8254:
+    STATE_VERSION: ClassVar[int] = 1
+    state_type: ClassVar[type] = PitState
+
     def __init__(self, timers: TimerService, irq0: IrqLine | None = None) -> None:
         self._timers = timers
         self.irq0 = irq0
@@ -343,6 +380,71 @@ class Pit8254:
         with self._lock:
             for ch in self.channels:
                 self._disarm_locked(ch)
+
+    # -- saved state ------------------------------------------------------------
+
+    def save_state(self) -> PitState:
+        with self._lock:
+            now = self.now_ns()
+            chans = tuple(PitChannelState(
+                mode=ch.mode, rw=ch.rw, bcd=ch.bcd, reload=ch.reload, gate=ch.gate,
+                loaded=ch.loaded, start_ns=None if ch.start_ns is None else ch.start_ns - now,
+                frozen_ticks=ch.frozen_ticks, null_count=ch.null_count, latch=tuple(ch.latch),
+                status=ch.status, read_msb=ch.read_msb, write_msb=ch.write_msb,
+                write_lsb=ch.write_lsb) for ch in self.channels)
+            return PitState(version=self.STATE_VERSION, channels=chans,
+                            speaker_data=self.speaker_data, refresh=self._refresh,
+                            irq_level=self._irq_level)
+
+    def restore_state(self, st: PitState, elapsed_ns: int = 0) -> None:
+        """Counters as saved, moved on by ``elapsed_ns`` of wall time: channel 0
+        in a periodic mode keeps its phase and pulses from the next period on
+        (missed periods are not caught up); a one-shot count that ended in the
+        gap fires once, now. IRQ0's level is the saved one (the PIC and IOAPIC
+        restore theirs)."""
+        part = "pit"
+        check_version(part, st.version, self.STATE_VERSION)
+        check_len(part, "channels", st.channels, 3)
+        for name in ("speaker_data", "refresh", "irq_level"):
+            check_bool(part, name, getattr(st, name))
+        check_int(part, "elapsed_ns", elapsed_ns, 0, MAX_REL_NS)
+        for i, c in enumerate(st.channels):
+            p = f"pit.channels[{i}]"
+            check_int(p, "mode", c.mode, 0, 5)
+            check_int(p, "rw", c.rw, RW_LSB, RW_WORD)
+            check_int(p, "reload", c.reload, 1, 0x10000)
+            if c.start_ns is not None:
+                check_int(p, "start_ns", c.start_ns, -MAX_REL_NS, MAX_REL_NS)
+            check_int(p, "frozen_ticks", c.frozen_ticks, 0, 0x10000)
+            if len(c.latch) > 2:
+                check_len(p, "latch", c.latch, 2)
+            for j, b in enumerate(c.latch):
+                check_int(p, f"latch[{j}]", b, 0, 0xFF)
+            if c.status is not None:
+                check_int(p, "status", c.status, 0, 0xFF)
+            check_int(p, "write_lsb", c.write_lsb, 0, 0xFF)
+            for name in _CH_FLAGS:
+                check_bool(p, name, getattr(c, name))
+        with self._lock:
+            now = self.now_ns()
+            base = now - elapsed_ns  # the moment of saving, on our clock
+            for ch, c in zip(self.channels, st.channels, strict=True):
+                self._disarm_locked(ch)
+                ch.mode, ch.rw, ch.bcd, ch.reload = c.mode, c.rw, c.bcd, c.reload
+                ch.gate, ch.loaded, ch.null_count = c.gate, c.loaded, c.null_count
+                ch.start_ns = None if c.start_ns is None else base + c.start_ns
+                ch.frozen_ticks = c.frozen_ticks
+                ch.latch, ch.status = list(c.latch), c.status
+                ch.read_msb, ch.write_msb, ch.write_lsb = c.read_msb, c.write_msb, c.write_lsb
+            self.speaker_data, self._refresh = st.speaker_data, st.refresh
+            self._irq_level = st.irq_level
+            ch = self.channels[0]
+            self._arm_locked(ch)
+            if (ch.handle is None and ch.start_ns is not None and self.irq0 is not None
+                    and ch.mode in (0, 4) and ch.loaded
+                    and (ch.ticks(base) or 0) < ch.reload <= (ch.ticks(now) or 0)):
+                # the terminal count came during the gap: its IRQ0 event, once, now
+                self._schedule_locked(ch, now)
 
 
 class SpeakerPort:
