@@ -17,4 +17,5 @@ TARGETS = (
     "loader_elf",
     "loader_initrd",
     "config",
+    "saved_state",
 )

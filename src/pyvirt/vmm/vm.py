@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,9 @@ class VirtualMachine:
         self._started_at = time.monotonic()
         self._running_since: float | None = None
         self._run_time = 0.0
-        self.pause_latencies: list[float] = []
-        self.resume_latencies: list[float] = []
+        # the last few only: an API client pausing in a loop must not grow them
+        self.pause_latencies: deque[float] = deque(maxlen=64)
+        self.resume_latencies: deque[float] = deque(maxlen=64)
         self._message = on_message or (lambda text: None)
         machine.on_request = self._on_request
 
