@@ -160,3 +160,18 @@ def test_dump_skips_untouched_memory_quickly(tmp_path: Path) -> None:
     finally:
         os.close(fd)
         mem.close()
+
+
+def test_the_boot_path_imports_no_api_or_snapshot_code() -> None:
+    """The VMM's start-up budget: booting (cli + runner) must not import the API
+    server, the HTTP and serialisation libraries, or the snapshot code."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pyvirt.cli.main, pyvirt.vmm.runner, pyvirt.vmm.machine; "
+            "print(' '.join(sorted(sys.modules)))")
+    mods = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True).stdout.split())
+    for name in ("h11", "httpx", "msgspec", "json", "pyvirt.api", "pyvirt.api.server",
+                 "pyvirt.vmm.snapshot", "pyvirt.state", "hashlib"):
+        assert name not in mods, f"{name} is imported on the boot path"

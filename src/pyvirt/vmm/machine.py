@@ -1,16 +1,19 @@
-"""The machine: config → builder → running VM, and its lifecycle.
+"""The machine: config -> builder -> a VM whose vCPUs park, reset and restore.
 
 ``build_machine`` assembles a VM from small ``attach_*`` steps (memory,
-legacy devices, kernel, ACPI, boot CPU). ``Machine.run`` starts one thread per
-vCPU and runs the event loop on the calling (main) thread until the guest
-powers off, resets, crashes, or the user stops it.
+legacy devices, PCI and virtio, vCPUs, then the kernel and the boot CPU) and
+captures every part's power-on state. ``Machine`` then lives as long as the
+VM: ``start`` (vCPU threads, parked), ``resume``/``pause``, ``save_state``/
+``restore_state``, ``reset_in_place``; ``pyvirt.vmm.vm.VirtualMachine`` is the
+state machine on top.
 
 Threads and locks (see docs/design.md):
-- main thread: the event loop (console input, the wake-up eventfd, signals);
-  owns the lifecycle. Never touches device state except through device
-  methods, which lock.
+- main thread: the control event loop (console input, the wake-up eventfd,
+  the API); owns the lifecycle. Never touches device state except through
+  device methods, which lock.
+- the device I/O thread (``io_loop``): the virtio queues' work.
 - one thread per vCPU: ``Vcpu.run()`` (releases the GIL inside KVM_RUN / the
-  engine), dispatching I/O to devices on the buses.
+  engine), dispatching I/O to devices on the buses; parked on ``_gate``.
 - ``Machine._lock`` guards ``_outcome`` only; device locks are never held
   while taking it (devices call ``request_*`` after releasing their own lock).
 """
@@ -47,6 +50,8 @@ if TYPE_CHECKING:
 __all__ = ["Machine", "MachineState", "Outcome", "PauseTimeout", "RunResult", "build_machine"]
 
 log = logging.getLogger(__name__)
+
+_SEPARATE_IO_LOOP = os.environ.get("PYVIRT_IO_LOOP", "separate") == "separate"
 
 #: What every guest gets on its command line before the user's --cmdline.
 BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1"
@@ -91,6 +96,12 @@ class Machine:
         self.console: Console = resources.console
         self.loop = loop if loop is not None else EventLoop("machine")
         self._own_loop = loop is None
+        #: the devices' queue work: one loop on one thread for every device
+        #: (``io_thread``), apart from the main loop so the VMM's control work
+        #: and the guest's I/O never wait for each other
+        self.io_loop = EventLoop("devices") if _SEPARATE_IO_LOOP else self.loop
+        self._io_thread: threading.Thread | None = None
+        self._io_stop = False
         self.memory: GuestMemory | None = None
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
@@ -212,11 +223,26 @@ class Machine:
                                                   name="console-input")
             except (ValueError, PermissionError):
                 self._feed_all_input()  # e.g. /dev/null or a regular file: nothing to wait for
+        if self.io_loop is not self.loop:
+            self._io_thread = threading.Thread(target=self._io_main, name="devices",
+                                               daemon=True)
+            self._io_thread.start()
         for vcpu in self.vcpus:
             t = threading.Thread(target=self._vcpu_thread, args=(vcpu,),
                                  name=f"vcpu{vcpu.index}", daemon=True)
             self._threads.append(t)
             t.start()
+
+    def _io_main(self) -> None:
+        self.io_loop.run_until(lambda: self._io_stop)
+
+    def _stop_io_thread(self) -> None:
+        t = self._io_thread
+        if t is not None:
+            self._io_stop = True
+            self.io_loop.wake()
+            t.join(5.0)
+            self._io_thread = None
 
     def pause(self, timeout: float = 10.0) -> float:
         """Park every vCPU, then pause device I/O. Returns the seconds it took
@@ -477,6 +503,9 @@ class Machine:
             except Exception:  # closing one device must not leak the others
                 log.exception("closing %s", dev.name)
         self.pci_devices.clear()
+        self._stop_io_thread()
+        if self.io_loop is not self.loop:
+            self.io_loop.close()
         if self.vm is not None:
             self.vm.close()
             self.vm = None
@@ -551,7 +580,7 @@ def attach_pci(m: Machine, vm: Vm, mem: GuestMemory) -> None:
     def plug(device: VirtioDevice, name: str) -> None:
         slot = len(m.pci_devices) + 1
         pdev = VirtioPciDevice(device, vm=vm, memory=mem, intx=root.intx_line(slot), name=name,
-                               loop=m.loop)
+                               loop=m.io_loop)
         m.pci_devices.append(pdev)
         root.add(slot, pdev)
 
