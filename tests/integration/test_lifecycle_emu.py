@@ -29,6 +29,7 @@ import pytest
 from pyvirt.guest import READY_LINE, GuestImage, build_default_guest, guest_is_built
 from tests.api_support import checked_client
 from tests.conftest import pyvirt_cmd, read_until
+from tests.integration.test_emu_boot import EmuVm
 
 pytest.importorskip("unicorn")
 from pyvirt.api.client import ApiError, VmClient
@@ -59,31 +60,16 @@ def make_disk(path: Path, size_mb: int = 64) -> Path:
     return path
 
 
-class Vmm:
+class Vmm(EmuVm):
     """One ``pyvirt run`` process with stdin/stdout on pipes and an API socket."""
 
-    def __init__(self, sock: Path, *args: str) -> None:
+    def __init__(self, sock: Path, *args: str) -> None:  # not EmuVm's: other options
         self.sock = sock
         self.proc = subprocess.Popen(
             pyvirt_cmd("run", "--api-socket", str(sock), *args),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.out = b""
         self._api: VmClient | None = None
-
-    def wait_for(self, needle: bytes, timeout: float = BOOT_TIMEOUT, count: int = 1) -> None:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while self.out.count(needle) < count:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            chunk = read_until(self.proc.stdout.fileno(), needle, left)
-            if not chunk:
-                break
-            self.out += chunk
-        if self.out.count(needle) < count:
-            pytest.fail(f"{needle!r} x{count} not seen within {timeout:.0f}s; output ends:\n"
-                        f"{self.out[-3000:].decode(errors='replace')}")
 
     def drain(self, seconds: float) -> bytes:
         """Whatever the guest prints in the next ``seconds``."""
@@ -94,11 +80,6 @@ class Vmm:
             got += read_until(self.proc.stdout.fileno(), b"\0never\0", left)
         self.out += got
         return got
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
 
     @property
     def api(self) -> VmClient:
@@ -111,20 +92,6 @@ class Vmm:
 
     def ticks(self) -> list[int]:
         return [int(n) for n in TICK.findall(self.out)]
-
-    def exit_status(self, timeout: float = 60) -> int:
-        try:
-            rest, _ = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rest, _ = self.proc.communicate()
-            pytest.fail(f"pyvirt did not exit; output ends:\n{self.text[-3000:]}")
-        self.out += rest
-        return self.proc.returncode
-
-    @property
-    def text(self) -> str:
-        return self.out.decode(errors="replace").replace("\r", "")
 
     def kill(self) -> None:
         if self.proc.poll() is None:
