@@ -159,15 +159,10 @@ def run(ctx: click.Context, config_file: Path | None, print_config: bool, kernel
 
             overrides: dict[str, object] = {}
             if explicit("console_spec"):
-                con = parse_console(console_spec)
-                overrides["console"] = {"kind": con.kind,
-                                        "path": None if con.path is None else str(con.path)}
+                overrides["console"] = parse_console(console_spec).to_dict()
                 flags["console"] = ("--console", console_spec)
             if disks:
-                overrides["disks"] = [
-                    {"path": str(d.path), "readonly": d.readonly, "serial": d.serial,
-                     "cache": d.cache, "discard": d.discard}
-                    for d in (parse_disk(x) for x in disks)]
+                overrides["disks"] = [parse_disk(x).to_dict() for x in disks]
                 flags.update({f"disks[{n}]": ("--disk", d) for n, d in enumerate(disks)})
             describe = functools.partial(_as_flags, flags)
             snap = read_snapshot(restore, overrides=overrides)

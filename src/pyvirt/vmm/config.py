@@ -118,6 +118,9 @@ class ConsoleSpec:
         elif self.path is not None:
             raise ConfigError(f"only a file console has a path (kind is {self.kind})", "path")
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": None if self.path is None else str(self.path)}
+
 
 _SERIAL_OK = re.compile(r"^[\x21-\x7e]{1,20}$")
 
@@ -138,6 +141,10 @@ class DiskSpec:
             raise ConfigError("must be 1-20 printable ASCII characters, no spaces", "serial")
         if self.cache not in get_args(CacheMode):
             raise _enum_error("cache", self.cache, ("none", "writeback"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "readonly": self.readonly, "serial": self.serial,
+                "cache": self.cache, "discard": self.discard}
 
 
 @dataclass(frozen=True)
@@ -188,12 +195,10 @@ class VmConfig:
             "cpus": self.cpus,
             "memory": self.memory,
             "accel": self.accel,
-            "console": {"kind": self.console.kind,
-                        "path": None if self.console.path is None else str(self.console.path)},
+            "console": self.console.to_dict(),
             "on_reboot": self.on_reboot,
             "verbose": self.verbose,
-            "disks": [{"path": str(d.path), "readonly": d.readonly, "serial": d.serial,
-                       "cache": d.cache, "discard": d.discard} for d in self.disks],
+            "disks": [d.to_dict() for d in self.disks],
             "rng": self.rng,
             "sandbox": self.sandbox,
         }

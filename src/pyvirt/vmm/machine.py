@@ -129,7 +129,7 @@ class Machine:
         self._wake_token: Token | None = None
         self._io_paused = False
         self.last_pause_s = 0.0
-        self.initial_state: MachineState | None = None
+        self.initial_state: MachineState | None = None  # set by build_machine
 
     # ---- requests from devices, vCPU threads and signal handlers (any thread)
 
@@ -672,8 +672,7 @@ def build_machine(config: VmConfig, hv: Hypervisor, resources: VmResources,
         attach_legacy_devices(m, vm)
         attach_pci(m, vm, mem)
         m.vcpus = [vm.create_vcpu(i) for i in range(config.cpus)]
-        if _all_stateful(m):
-            m.initial_state = m.save_state()
+        m.initial_state = m.save_state()
         if memory_fd is None:
             entry = attach_kernel(m, mem)
             attach_boot_cpu(m, entry)
@@ -682,9 +681,3 @@ def build_machine(config: VmConfig, hv: Hypervisor, resources: VmResources,
         raise
     return m
 
-
-def _all_stateful(m: Machine) -> bool:
-    """Every part can save its state (during the migration to saved state)."""
-    legacy = [m.devices.get(n) for n in ("serial", "i8042", "rtc", "acpi_pm")]
-    parts: list[object] = [m.vm, *m.vcpus, *legacy, *m.pci_devices]
-    return all(hasattr(p, "save_state") for p in parts)

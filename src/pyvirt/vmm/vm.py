@@ -141,8 +141,6 @@ class VirtualMachine:
     def _on_request(self, result: RunResult) -> bool:
         """True when the VM goes on (a reboot reset in place)."""
         if result.outcome is Outcome.RESET and self.machine.config.on_reboot == "restart":
-            if self.machine.initial_state is None:
-                return False  # cannot reset in place: the VM ends (as --on-reboot exit)
             self.machine.pause()
             self._reset_in_place()
             if self.machine.config.verbose:
