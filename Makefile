@@ -14,7 +14,8 @@ PY := $(VENV)/bin/python
 STAMPS := .make
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := python3-venv gcc binutils make linux-libc-dev kmod cpio acpica-tools \
-	e2fsprogs qemu-system-x86 qemu-utils cmake pkg-config debootstrap libseccomp2
+	e2fsprogs qemu-system-x86 qemu-utils cmake pkg-config debootstrap libseccomp2 \
+	passt iperf3 dnsmasq-base iproute2 iputils-ping
 N ?= 100
 FUZZ_RUNS ?= 1000000
 

@@ -1,6 +1,6 @@
 """``make bench``: pyvirt side by side with C and QEMU; prints medians and ratios.
 
-    python -m bench [--runs N] [--only kvm,emu,blk,life]
+    python -m bench [--runs N] [--only kvm,emu,blk,life,net]
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from bench.common import print_rows
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--runs", type=int, default=5, help="runs per side (alternating)")
-    ap.add_argument("--only", default="kvm,emu,blk,life",
-                    help="comma-separated: kvm, emu, blk, life")
+    ap.add_argument("--only", default="kvm,emu,blk,life,net",
+                    help="comma-separated: kvm, emu, blk, life, net")
     args = ap.parse_args()
     which = set(args.only.split(","))
     print(f"pyvirt benchmarks on {platform.node()} ({platform.machine()}, "
@@ -38,6 +38,11 @@ def main() -> None:
 
         print_rows("lifecycle: pause, resume, snapshot, restore; default guest, software CPU",
                    lifecycle_bench.run(args.runs))
+    if "net" in which:
+        from bench import net_bench
+
+        print_rows("networking: iperf3, ping, vsock; Debian rootfs guest, software CPU",
+                   net_bench.run(args.runs))
 
 
 if __name__ == "__main__":

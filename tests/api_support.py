@@ -92,6 +92,12 @@ class FakeControl:
             raise PyvirtError(f"snapshot {path}: cannot write: No such file or directory")
         return {"path": path, "memory_bytes_written": 64 << 20, "seconds": 0.25}
 
+    def set_nic_link(self, nic: int, up: bool) -> None:
+        self._enter("set_nic_link")
+        refuse_unless("nic-link", self.state)
+        if nic != 0:
+            raise UserInputError(f"nic: the VM has no NIC {nic} (0 to 0)")
+
     def metrics(self) -> list[MetricFamily]:
         self._enter("metrics")
         if self.families is not None:

@@ -7,6 +7,8 @@ TARGETS = (
     "virtio_blk",
     "virtio_rng",
     "virtio_console",
+    "virtio_vsock",
+    "virtio_net",
     "pci_config",
     "msix",
     "uart",

@@ -46,7 +46,12 @@ def test_every_endpoint_through_the_client() -> None:
         assert res == {"path": str(snap / "s1"), "memory_bytes_written": 64 << 20,
                        "seconds": 0.25}
         vm.reset()  # legal while paused
+        vm.set_nic_link(0, False)  # legal while paused too
         vm.resume()
+        vm.set_nic_link(0, True)
+        with pytest.raises(ApiError) as bad:
+            vm.set_nic_link(3, True)
+        assert bad.value.status == 400 and "no NIC 3" in str(bad.value)
         m = vm.metrics()
         assert m.get("pyvirt_vcpu_exits_total", kind="io") == 1234
         assert m.get("pyvirt_device_bytes_read_total", device='vda "root"\\\n') == 4096
@@ -60,7 +65,8 @@ def test_every_endpoint_through_the_client() -> None:
         assert len(srv.connections) == 1
         snap.rmdir()
     assert ctl.calls == ["info", "power_button", "ctrl_alt_del", "reset", "pause", "info",
-                         "snapshot", "reset", "resume", "metrics", "force_stop", "info"]
+                         "snapshot", "reset", "set_nic_link", "resume", "set_nic_link",
+                         "set_nic_link", "metrics", "force_stop", "info"]
     # VmControl is only ever called on the event loop's thread
     assert len(ctl.threads) == 1 and threading.get_ident() not in ctl.threads
 
@@ -143,6 +149,12 @@ def test_json_bodies_are_strict() -> None:
         assert put("/vm/snapshot", b'{"path": "/x"', )[1].startswith(
             "PUT /vm/snapshot: the body is not valid JSON")
         assert put("/vm/snapshot", b"\xff\xfe")[0] == 400
+        assert put("/vm/nic-link", b'{"nic": 0, "up": "yes"}') == (
+            400, "PUT /vm/nic-link: up: expected `bool`, got `str`")
+        assert put("/vm/nic-link", b'{"nic": -1, "up": true}') == (
+            400, "nic: -1 is not a NIC index")
+        assert put("/vm/nic-link", b'{"up": true}') == (
+            400, "PUT /vm/nic-link: missing field `nic`")
         assert put("/vm/resume", b'{"now": true}') == (400, "PUT /vm/resume: unknown field `now`")
         assert put("/vm/resume", b'{"path": "/x"}', "text/plain") == (
             415, "PUT /vm/resume: the body must be application/json (not text/plain)")
@@ -192,8 +204,9 @@ def test_every_documented_answer_is_served() -> None:
             for status in op["responses"]:
                 ctl = FakeControl(VmState.PAUSED if path in ("/vm/snapshot", "/vm/resume")
                                   else VmState.RUNNING)
-                body = b'{"path": "%s/new"}' % str(snapdir).encode() \
-                    if path == "/vm/snapshot" else b""
+                body = (b'{"path": "%s/new"}' % str(snapdir).encode()
+                        if path == "/vm/snapshot" else
+                        b'{"nic": 0, "up": false}' if path == "/vm/nic-link" else b"")
                 if status in ("200", "204"):
                     data = req(m, path, body)
                 elif status == "400":

@@ -106,7 +106,7 @@ def test_document_shape() -> None:
                                    discard=True),))
     d = cfg.to_dict()
     assert list(d) == ["kernel", "initrd", "cmdline", "cpus", "memory", "accel", "console",
-                       "on_reboot", "verbose", "disks", "rng", "sandbox"]
+                       "on_reboot", "verbose", "disks", "rng", "sandbox", "name", "nics", "vsock"]
     assert d["memory"] == 64 << 20 and d["console"] == {"kind": "file", "path": "/log"}
     assert d["disks"] == [{"path": "/a", "readonly": True, "serial": "s1", "cache": "none",
                            "discard": True}]

@@ -63,6 +63,11 @@ class SnapshotRequest(msgspec.Struct, forbid_unknown_fields=True):
     path: str
 
 
+class NicLinkRequest(msgspec.Struct, forbid_unknown_fields=True):
+    nic: int
+    up: bool
+
+
 Handler = Callable[["VmControl", str, bytes], Reply]
 
 
@@ -144,6 +149,15 @@ def _snapshot(control: VmControl, what: str, body: bytes) -> Reply:
     return _json_reply(control.snapshot(path))
 
 
+def _nic_link(control: VmControl, what: str, body: bytes) -> Reply:
+    req = _decode(what, body, NicLinkRequest, required=True)
+    assert req is not None
+    if not 0 <= req.nic < 256:
+        raise _Fault(400, f"nic: {req.nic} is not a NIC index")
+    control.set_nic_link(req.nic, req.up)
+    return Reply(204)
+
+
 def _get_metrics(control: VmControl, what: str, body: bytes) -> Reply:
     text = _metrics.render(control.metrics())
     # a label may hold a host path that is not UTF-8: escape rather than fail
@@ -168,6 +182,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/vm/ctrl-alt-del": {"PUT": _action("ctrl_alt_del")},
     "/vm/stop": {"PUT": _action("force_stop")},
     "/vm/snapshot": {"PUT": _snapshot},
+    "/vm/nic-link": {"PUT": _nic_link},
     "/metrics": {"GET": _get_metrics},
     "/version": {"GET": _get_version},
     "/openapi.json": {"GET": _get_openapi},

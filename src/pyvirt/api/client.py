@@ -128,6 +128,10 @@ class VmClient:
         """Force-stop: the VM stops at once."""
         self.request("PUT", "/vm/stop")
 
+    def set_nic_link(self, nic: int, up: bool) -> None:
+        """NIC ``nic``'s link up or down (down: the cable pulled)."""
+        self.request("PUT", "/vm/nic-link", json_body={"nic": nic, "up": up})
+
     def snapshot(self, path: str | os.PathLike[str]) -> SnapshotResult:
         """Snapshot the paused VM into the new directory ``path`` (made
         absolute here: the VMM's working directory is not the caller's)."""

@@ -84,6 +84,14 @@ _SCHEMAS: dict[str, Any] = {
                        "description": "The VM configuration, as `pyvirt run --config` reads it."},
             "boot_count": {"type": "integer", "minimum": 0,
                            "description": "Boots so far (a guest reboot adds one)."},
+            "nics": {"type": "array", "description": "The NICs, eth0 first.", "items": {
+                "type": "object",
+                "required": ["index", "kind", "mac", "link_up"],
+                "properties": {"index": {"type": "integer", "minimum": 0},
+                               "kind": {"type": "string", "enum": ["user", "tap"]},
+                               "mac": {"type": "string"},
+                               "link_up": {"type": "boolean"}},
+                "additionalProperties": False}},
         },
         "additionalProperties": True,
     },
@@ -102,6 +110,16 @@ _SCHEMAS: dict[str, Any] = {
             "type": "string", "minLength": 2, "maxLength": 4096, "pattern": "^/",
             "description": "Absolute path of the snapshot directory to create.",
         }},
+        "additionalProperties": False,
+    },
+    "NicLinkRequest": {
+        "type": "object",
+        "required": ["nic", "up"],
+        "properties": {
+            "nic": {"type": "integer", "minimum": 0, "maximum": 255,
+                    "description": "The NIC's index (nics[N] of the configuration; ethN)."},
+            "up": {"type": "boolean", "description": "true: link up; false: cable pulled."},
+        },
         "additionalProperties": False,
     },
     "SnapshotResult": {
@@ -187,6 +205,23 @@ def document() -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "The snapshot was written.", "content": {
                         _JSON: {"schema": {"$ref": "#/components/schemas/SnapshotResult"}}}},
+                    "400": _ref("BadRequest"),
+                    "409": _ref("Refused"),
+                    "415": _ref("UnsupportedMediaType"),
+                    "500": _ref("InternalError"),
+                },
+            }},
+            "/vm/nic-link": {"put": {
+                "summary": "Set a NIC's link state",
+                "description": ("Pull a NIC's cable out (up false) or plug it back in: the "
+                                "guest's driver sees the carrier change. Legal when the VM is "
+                                "created, running or paused; otherwise 409. An index the VM "
+                                "does not have is a 400."),
+                "operationId": "set_nic_link",
+                "requestBody": {"required": True, "content": {_JSON: {
+                    "schema": {"$ref": "#/components/schemas/NicLinkRequest"}}}},
+                "responses": {
+                    "204": {"description": "Done."},
                     "400": _ref("BadRequest"),
                     "409": _ref("Refused"),
                     "415": _ref("UnsupportedMediaType"),

@@ -96,6 +96,18 @@ def snapshot(ctx: click.Context, directory: Path) -> None:
 
 
 @ctl.command()
+@click.argument("nic", type=click.IntRange(0, 255))
+@click.argument("state", type=click.Choice(["up", "down"]))
+@click.pass_context
+def link(ctx: click.Context, nic: int, state: str) -> None:
+    """Set NIC's link up or down (down: as if its cable were pulled)."""
+    def go(vm: Any) -> None:
+        vm.set_nic_link(nic, state == "up")
+        click.echo(f"nic {nic}: link {state}")
+    _act(ctx, go)
+
+
+@ctl.command()
 @click.pass_context
 def metrics(ctx: click.Context) -> None:
     """The VM's counters in the Prometheus text format."""
@@ -128,6 +140,13 @@ def summary(info: dict[str, Any]) -> str:
             path = d.get("path") if isinstance(d, dict) else d
             ro = " (read-only)" if isinstance(d, dict) and d.get("readonly") else ""
             rows.append((f"disk {i}", f"{path}{ro}"))
+    nics = info.get("nics")
+    if isinstance(nics, list):
+        for n in nics:
+            if isinstance(n, dict):
+                link = "up" if n.get("link_up") else "down"
+                rows.append((f"nic {n.get('index', '?')}",
+                             f"{n.get('kind', '?')} {n.get('mac', '?')} link {link}"))
     rows.append(("pyvirt", str(info.get("pyvirt_version", "?"))))
     from pyvirt.cli.main import one_line
 

@@ -95,6 +95,17 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--disk", "disks", multiple=True, metavar="SPEC",
               help="A virtio-blk disk (repeatable; vda, vdb, ... in order): "
                    "path=FILE[,readonly=on][,serial=ID][,cache=none|writeback][,discard=on].")
+@click.option("--net", "nets", multiple=True, metavar="SPEC",
+              help="A virtio-net NIC (repeatable; eth0, eth1, ... in order): user[,mac=MAC]"
+                   "[,hostfwd=tcp::HOSTPORT-:GUESTPORT]... (user-mode networking through passt, "
+                   "no privileges), tap=NAME[,mac=MAC][,bridge=BR] (a TAP, created if absent), "
+                   "or none. Default: one user NIC.")
+@click.option("--vsock", "vsock_spec", metavar="cid=N,path=PATH",
+              help="virtio-vsock: the guest is CID N; host programs connect to the Unix socket "
+                   "PATH and send 'CONNECT PORT\\n'; the guest's connections to host port P "
+                   "reach the Unix socket PATH_P.")
+@click.option("--name", metavar="NAME",
+              help="The VM's name; its NICs' MAC addresses derive from it (stable across runs).")
 @click.option("--rng/--no-rng", default=True, show_default=True,
               help="A virtio-rng device fed by the host's getrandom.")
 @click.option("--on-reboot", type=click.Choice(["restart", "exit"]), default="restart",
@@ -119,7 +130,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.pass_context
 def run(ctx: click.Context, config_file: Path | None, print_config: bool, kernel: Path | None,
         initrd: Path | None, cmdline: str, cpus: int, memory: str, accel: str,
-        console_spec: str, disks: tuple[str, ...], rng: bool, on_reboot: str, sandbox: str,
+        console_spec: str, disks: tuple[str, ...], nets: tuple[str, ...],
+        vsock_spec: str | None, name: str | None, rng: bool, on_reboot: str, sandbox: str,
         verbose: bool, api_socket: Path | None, restore: Path | None, resume: bool,
         snapshot_root: Path | None) -> None:
     """Boot a VM in the foreground (the default guest when no --kernel is given).
@@ -130,7 +142,15 @@ def run(ctx: click.Context, config_file: Path | None, print_config: bool, kernel
     while it runs), 1 if the guest crashed, 2 on bad input, 128 + N when
     signal N stops pyvirt before the guest first ran.
     """
-    from pyvirt.vmm.config import ConfigError, VmConfig, parse_console, parse_disk, parse_size
+    from pyvirt.vmm.config import (
+        ConfigError,
+        VmConfig,
+        parse_console,
+        parse_disk,
+        parse_net,
+        parse_size,
+        parse_vsock,
+    )
 
     # where each configuration field came from on this command line: an error
     # naming the field is shown with the flag and the text the user typed
@@ -205,6 +225,17 @@ def run(ctx: click.Context, config_file: Path | None, print_config: bool, kernel
                          accel=("--accel", accel), console=("--console", console_spec),
                          on_reboot=("--on-reboot", on_reboot), sandbox=("--sandbox", sandbox))
             flags.update({f"disks[{n}]": ("--disk", d) for n, d in enumerate(disks)})
+            # no --net: one user-mode NIC, as QEMU gives; --net none (alone) gives none
+            if nets and "none" in nets and len(nets) > 1:
+                raise ConfigError("--net none: cannot be given with other --net options")
+            specs = nets or ("user",)
+            nics = tuple(n for n in (parse_net(x) for x in specs) if n is not None)
+            shown = nets or ("user (the default; --net none for no network)",)
+            flags.update({f"nics[{n}]": ("--net", x) for n, x in enumerate(shown)})
+            if vsock_spec is not None:
+                flags["vsock"] = ("--vsock", vsock_spec)
+            if name is not None:
+                flags["name"] = ("--name", name)
             describe = functools.partial(_as_flags, flags)
             cfg = VmConfig(kernel=k, initrd=i, cmdline=cmdline, cpus=cpus,
                            memory=parse_size(memory),
@@ -212,7 +243,9 @@ def run(ctx: click.Context, config_file: Path | None, print_config: bool, kernel
                            console=parse_console(console_spec),
                            on_reboot=on_reboot,  # type: ignore[arg-type]
                            verbose=verbose, disks=tuple(parse_disk(d) for d in disks), rng=rng,
-                           sandbox=sandbox)  # type: ignore[arg-type]
+                           sandbox=sandbox,  # type: ignore[arg-type]
+                           name=name, nics=nics,
+                           vsock=None if vsock_spec is None else parse_vsock(vsock_spec))
         if print_config:
             click.echo(cfg.to_json())
             return 0
@@ -226,12 +259,13 @@ def run(ctx: click.Context, config_file: Path | None, print_config: bool, kernel
 
 #: the options of ``run`` that are configuration fields (refused with --config)
 _RUN_FIELDS = ("kernel", "initrd", "cmdline", "cpus", "memory", "accel", "console_spec", "disks",
-               "rng", "on_reboot", "sandbox", "verbose")
+               "nets", "vsock_spec", "name", "rng", "on_reboot", "sandbox", "verbose")
 
 #: an error message that starts with a configuration field's path (errors below
 #: the CLI name fields, never flags: see pyvirt.vmm.config)
 _FIELD_RE = re.compile(r"(kernel|initrd|cmdline|cpus|memory|accel|console(?:\.\w+)?|on_reboot"
-                       r"|verbose|rng|sandbox|disks(?:\[\d+\](?:\.\w+)?)?): (.*)", re.S)
+                       r"|verbose|rng|sandbox|name|vsock(?:\.\w+)?"
+                       r"|(?:disks|nics)(?:\[\d+\](?:\.\w+(?:\[\d+\])?)?)?): (.*)", re.S)
 _DISK_FIELD_RE = re.compile(r"\bdisks\[(\d+)\](?:\.path)?")
 
 

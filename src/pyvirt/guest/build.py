@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: bump when the build changes in a way the script hashes below do not capture
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 #: modules the guest loads at boot (their dependencies are added automatically)
 GUEST_MODULES = (
@@ -83,6 +83,9 @@ _SCRIPTS = {
     "rcS.sh": "etc/init.d/rcS",
     "load-modules.sh": "etc/init.d/load-modules",
     "acpi-power.sh": "etc/acpi/PWRF/00000080",
+    # eth0 by DHCP (or pyvirt.ip= static) at boot; udhcpc's hook applies the lease
+    "net-up.sh": "etc/init.d/net-up",
+    "udhcpc.script": "usr/share/udhcpc/default.script",
 }
 
 _INITTAB = """\
@@ -258,6 +261,8 @@ def _initramfs(
             "sbin",
             "usr/bin",
             "usr/sbin",
+            "usr/share",
+            "usr/share/udhcpc",
             "etc/init.d",
             "etc/acpi",
             "etc/acpi/PWRF",
@@ -285,6 +290,8 @@ def _initramfs(
         cpio.add_file("etc/passwd", _PASSWD.encode())
         cpio.add_file("etc/group", _GROUP.encode())
         cpio.add_file("etc/hostname", b"pyvirt\n")
+        # written by udhcpc's hook (the Debian rootfs has the same link: its / may be read-only)
+        cpio.add_symlink("etc/resolv.conf", "/run/resolv.conf")
 
         target = f"lib/modules/{version}"
         for rel in modules:

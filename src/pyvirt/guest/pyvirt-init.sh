@@ -21,6 +21,8 @@ hostname pyvirt
 # The ACPI power button: the initramfs loaded button + evdev; busybox acpid runs
 # /etc/acpi/PWRF/00000080 (a clean power-off) on KEY_POWER.
 busybox acpid -c /etc/acpi -l /dev/null -p /run/acpid.pid 2>/dev/null
+# eth0 up: DHCP (busybox udhcpc), or static from pyvirt.ip= (see pyvirt-net-up)
+/usr/sbin/pyvirt-net-up
 
 # The console's real tty (busybox cttyhack's rule: the last entry of .../active), so the
 # shell can make it its controlling terminal: /dev/console cannot be one.

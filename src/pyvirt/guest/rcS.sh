@@ -20,5 +20,7 @@ acpid -c /etc/acpi -l /dev/null -p /run/acpid.pid 2>/dev/null
 # host's input into the tty, and our exit would close it (the last holder) and drop
 # that input. The shell's cttyhack is the first to open it.
 hostname pyvirt
+# eth0 up (DHCP, or static from pyvirt.ip=); see /etc/init.d/net-up
+/etc/init.d/net-up
 # The ready line comes from /etc/profile, once the shell holds the console open (on
 # hvc0 nothing opens it before: input sent earlier waits in the device until then).

@@ -60,12 +60,12 @@ __all__ = [
 ]
 
 #: bump when the build changes in a way the script hashes below do not capture
-ROOTFS_RECIPE_VERSION = 2
+ROOTFS_RECIPE_VERSION = 3
 
 SUITE = "bookworm"
 VARIANT = "minbase"
 #: installed on top of minbase (with their dependencies)
-INCLUDE = ("fio", "procps", "busybox-static")
+INCLUDE = ("fio", "procps", "busybox-static", "iperf3", "curl", "iproute2")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 
@@ -90,6 +90,9 @@ _FILES = {
     "rootfs-power.sh": ("usr/local/sbin/poweroff", 0o755),
     # busybox acpid runs it on the ACPI power button (pyvirt-init starts acpid)
     "rootfs-acpi-power.sh": ("etc/acpi/PWRF/00000080", 0o755),
+    # the network at boot: eth0 by DHCP (busybox udhcpc) or static (pyvirt.ip=)
+    "net-up.sh": ("usr/sbin/pyvirt-net-up", 0o755),
+    "udhcpc.script": ("usr/share/udhcpc/default.script", 0o755),
 }
 _POWER_LINKS = ("reboot", "halt")
 
@@ -378,7 +381,8 @@ def _customize(tree: Path) -> None:
     resolv = tree / "etc/resolv.conf"
     with contextlib.suppress(FileNotFoundError):
         resolv.unlink()
-    resolv.write_text("")
+    # written at boot by udhcpc's hook into /run (a tmpfs: the root may be read-only)
+    resolv.symlink_to("/run/resolv.conf")
     # no systemd to fill it at boot; empty means "uninitialized" to anything that reads it
     (tree / "etc/machine-id").write_text("")
 

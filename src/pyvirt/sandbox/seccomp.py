@@ -85,6 +85,12 @@ PATHS_NOT_TRACED: dict[str, str] = {
     "shutdown": "AF_UNIX API socket", "getsockname": "AF_UNIX API socket",
     "getpeername": "AF_UNIX API socket", "setsockopt": "AF_UNIX API socket",
     "getsockopt": "AF_UNIX API socket",
+    # virtio-vsock: its host sockets use the AF_UNIX calls above; its timerfd (handshake
+    # deadlines) is created with the device, before the sandbox, and armed later
+    "timerfd_settime": "virtio-vsock handshake deadlines",
+    # NICs (pyvirt.net): frames to and from a TAP, passt's helper process
+    "readv": "TAP frames read into guest buffers", "writev": "TAP frames from guest buffers",
+    "wait4": "reaping passt when the VM ends (it quits when its socket closes)",
 }
 
 _CLONE_THREAD = 0x00010000
@@ -100,10 +106,15 @@ TERMINAL_IOCTLS: tuple[int, ...] = (
     0x5413,  # TIOCGWINSZ
     0x5421,  # FIONBIO
 )
+#: what a NIC does to its TAP once the guest runs (the guest's offload features)
+NET_IOCTLS: tuple[int, ...] = (
+    0x400454D0,  # TUNSETOFFLOAD (pyvirt.net.tap)
+)
 
 
 #: the syscalls of the exit and I/O paths, checked first
-_HOT = ("ioctl", "futex", "epoll_wait", "read", "write", "preadv2", "pwritev2")
+_HOT = ("ioctl", "futex", "epoll_wait", "read", "write", "preadv2", "pwritev2", "readv",
+        "writev")
 
 
 class SeccompError(OSError):
@@ -211,7 +222,7 @@ def load_filter(*, kill: bool = True) -> None:
         # the request is an unsigned int to the kernel; mask so upper register
         # bits (ctypes may sign-extend) cannot matter
         f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.MASKED_EQ, _TYPE_MASK, _KVMIO_TYPE))
-        for request in TERMINAL_IOCTLS:
+        for request in (*TERMINAL_IOCTLS, *NET_IOCTLS):
             f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
         f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, _AF_UNIX))
         f.add_rule(sc.ALLOW, "socketpair", sc.Arg(0, sc.EQ, _AF_UNIX))

@@ -16,7 +16,9 @@ from __future__ import annotations
 __all__ = [
     "DEVICE_ID_BLOCK",
     "DEVICE_ID_CONSOLE",
+    "DEVICE_ID_NET",
     "DEVICE_ID_RNG",
+    "DEVICE_ID_VSOCK",
     "F_EVENT_IDX",
     "F_INDIRECT_DESC",
     "F_VERSION_1",
@@ -42,6 +44,8 @@ F_EVENT_IDX = 29
 F_VERSION_1 = 32
 
 # Device IDs (5)
+DEVICE_ID_NET = 1
 DEVICE_ID_BLOCK = 2
 DEVICE_ID_CONSOLE = 3
 DEVICE_ID_RNG = 4
+DEVICE_ID_VSOCK = 19

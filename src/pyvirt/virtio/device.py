@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from pyvirt.virtio.queue import Chain, QueueBroken, SplitQueue
 if TYPE_CHECKING:
     from pyvirt.eventloop import EventLoop, Token
 
-__all__ = ["Completions", "NoDeviceState", "QueueWorker", "Transport", "VirtioDevice",
+__all__ = ["Completions", "FdWatch", "NoDeviceState", "QueueWorker", "Transport", "VirtioDevice",
            "copy_from_chain", "copy_to_chain", "next_chain", "serve_queue"]
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,13 @@ class Transport(Protocol):
 
     def note_error(self) -> None:
         """Count a request the device failed (metrics)."""
+        ...
+
+    def watch(self, fd: int, handler: Callable[[int], None], *, events: int = select.EPOLLIN,
+              name: str) -> FdWatch:
+        """Watch a host fd of the device's own (a TAP, a host socket) on the device's
+        loop from now until the driver resets the device (see ``FdWatch``). Call
+        from ``activate`` on, never before."""
         ...
 
 
@@ -216,6 +224,46 @@ def serve_queue(transport: Transport, q: SplitQueue, name: str,
     out.flush()
 
 
+class FdWatch:
+    """A host fd of a device's own (a TAP, a backend socket, a vsock peer) watched
+    on the device's event loop while its queue work runs.
+
+    Created by ``Transport.watch`` (from ``activate`` on). Its handler runs on the
+    loop thread like the queue work, never concurrently with it, with the epoll
+    events; an exception breaks the device as queue work does. ``events`` 0 means
+    not watched: the fd leaves epoll (a level-triggered fd with nothing to do,
+    such as a TAP while the guest posts no receive buffers, must not be polled).
+    While the device is paused or broken nothing is registered; ``start`` puts
+    back every watch with its current events. ``close`` ends the watch (the fd
+    stays the device's to close); a device reset closes every watch.
+
+    ``set_events``/``close`` may be called from any thread: on the loop thread
+    (the usual case, from a handler) or while the work is stopped they act at
+    once; from another thread while it runs they are handed to the loop
+    (``call_soon``).
+    """
+
+    def __init__(self, worker: QueueWorker, fd: int, handler: Callable[[int], None],
+                 events: int, name: str) -> None:
+        self.worker, self.fd, self.handler, self.name = worker, fd, handler, name
+        self.events = events
+        self.closed = False
+        self._token: Token | None = None
+
+    def set_events(self, events: int) -> None:
+        self.worker._watch_op(self, events, close=False)
+
+    def close(self) -> None:
+        self.worker._watch_op(self, 0, close=True)
+
+    def _dispatch(self, events: int) -> None:
+        w = self.worker
+        if w.broken or self.closed:
+            w._unregister(self)  # a level-triggered fd would come back at once
+            return
+        w.call(lambda: self.handler(events))
+
+
 class QueueWorker:
     """The queue work of one device, run on the VMM's shared event loop.
 
@@ -251,6 +299,11 @@ class QueueWorker:
         self._tokens: list[Token] = []
         #: queues kicked by us (start, requeue), not by the driver: not counted
         self._self_kicks = [False] * len(self.queues)
+        self._watches: list[FdWatch] = []  # guarded by _lock
+        #: held while a handler runs (``call``): ``stop`` waits on it, because a watch
+        #: handler that took its own fd out of epoll (``set_events(0)``) goes on running
+        #: as a registration ``EventLoop.remove`` no longer knows about
+        self._calling = threading.RLock()
 
     @property
     def running(self) -> bool:
@@ -270,8 +323,14 @@ class QueueWorker:
                 for fd, fn in self.device.extra_fds():
                     self._tokens.append(loop.add(fd, self._extra_handler(fd, fn),
                                                  name=f"{self.name}-extra"))
+                for w in self._watches:
+                    self._register(w)
             except BaseException:
                 tokens, self._tokens = self._tokens, []
+                for w in self._watches:
+                    if w._token is not None:
+                        tokens.append(w._token)
+                        w._token = None
                 for tok in tokens:
                     loop.remove(tok)
                 raise
@@ -281,9 +340,77 @@ class QueueWorker:
     def stop(self) -> None:
         with self._lock:
             tokens, self._tokens = self._tokens, []
+            for w in self._watches:
+                if w._token is not None:
+                    tokens.append(w._token)
+                    w._token = None
         if self.loop is not None:
             for tok in tokens:
                 self.loop.remove(tok)
+            if not self.loop.in_loop_thread():
+                with self._calling:  # see _calling
+                    pass
+
+    # ---- the device's own fds (FdWatch)
+
+    def watch(self, fd: int, handler: Callable[[int], None], *, events: int = select.EPOLLIN,
+              name: str) -> FdWatch:
+        w = FdWatch(self, fd, handler, events, f"{self.name}-{name}")
+        with self._lock:
+            self._watches.append(w)
+            running = bool(self._tokens)
+        if running:
+            self._watch_op(w, events, close=False)
+        return w
+
+    def close_watches(self) -> None:
+        """The device was reset: every watch ends (call with the work stopped)."""
+        with self._lock:
+            watches, self._watches = self._watches, []
+        for w in watches:
+            w.closed = True
+            self._unregister(w)
+
+    def _register(self, w: FdWatch) -> None:
+        """(with ``_lock``, loop set) Put ``w`` on the loop if it wants events."""
+        assert self.loop is not None
+        if w.events and not w.closed and not self.broken and w._token is None:
+            w._token = self.loop.add(w.fd, w._dispatch, name=w.name, events=w.events)
+
+    def _unregister(self, w: FdWatch) -> None:
+        with self._lock:
+            tok, w._token = w._token, None
+        if tok is not None and self.loop is not None:
+            self.loop.remove(tok)
+
+    def _watch_op(self, w: FdWatch, events: int, *, close: bool) -> None:
+        loop = self.loop
+        if loop is not None and self.running and not loop.in_loop_thread():
+            loop.call_soon(lambda: self._watch_op_now(w, events, close),
+                           name=f"{w.name}-events")
+            return
+        self._watch_op_now(w, events, close)
+
+    def _watch_op_now(self, w: FdWatch, events: int, close: bool) -> None:
+        with self._lock:
+            if w.closed:
+                return
+            if close:
+                w.closed = True
+                if w in self._watches:
+                    self._watches.remove(w)
+            w.events = 0 if close else events
+            tok = w._token
+            if tok is not None and w.events:
+                if tok.events != w.events and self.loop is not None:
+                    self.loop.modify(tok, w.events)
+                return
+            if tok is None and w.events and self._tokens and self.loop is not None:
+                self._register(w)
+                return
+            w._token = None
+        if tok is not None and self.loop is not None:
+            self.loop.remove(tok)
 
     def kick(self, q: SplitQueue) -> None:
         """Run ``q``'s work again on the loop (any thread). Nothing runs while stopped:
@@ -325,7 +452,8 @@ class QueueWorker:
         if self.broken:
             return
         try:
-            handler()
+            with self._calling:
+                handler()
         except QueueBroken as exc:
             self.broken = True
             self.on_broken(str(exc))

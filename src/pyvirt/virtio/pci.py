@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -59,7 +60,7 @@ from pyvirt.virtio import (
     STATUS_DRIVER_OK,
     STATUS_FEATURES_OK,
 )
-from pyvirt.virtio.device import QueueWorker, VirtioDevice
+from pyvirt.virtio.device import FdWatch, QueueWorker, VirtioDevice
 from pyvirt.virtio.queue import QueueBroken, QueueState, SplitQueue
 
 if TYPE_CHECKING:
@@ -403,8 +404,9 @@ class VirtioPciDevice(PciDevice):
 
     def _activate(self) -> None:
         with self._vlock:
-            self.device.activate(self, self.queues, self.driver_features)
+            # the worker first: the device may watch fds of its own in activate
             self._worker = self._new_worker()
+            self.device.activate(self, self.queues, self.driver_features)
             if not self._paused:
                 self._worker.start()
 
@@ -421,6 +423,7 @@ class VirtioPciDevice(PciDevice):
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.stop()
+            worker.close_watches()
 
     def _reset(self) -> None:
         with self._vlock:
@@ -489,6 +492,13 @@ class VirtioPciDevice(PciDevice):
 
     def note_error(self) -> None:
         self._errors += 1
+
+    def watch(self, fd: int, handler: Callable[[int], None], *, events: int = select.EPOLLIN,
+              name: str) -> FdWatch:
+        worker = self._worker
+        if worker is None:
+            raise RuntimeError(f"{self.name}: watch() before the device is active")
+        return worker.watch(fd, handler, events=events, name=name)
 
     def config_changed(self) -> None:
         with self._status_lock:
@@ -609,11 +619,12 @@ class VirtioPciDevice(PciDevice):
                 self.isr = state.isr
                 self._set_intx(state.intx_level)
             if driver_ok:
+                self._worker = self._new_worker()
+                self._worker.broken = state.io_broken
                 self.device.activate(self, self.queues, features)
             self.device.restore_state(dev_state)
             if driver_ok:
-                self._worker = self._new_worker()
-                self._worker.broken = state.io_broken
+                assert self._worker is not None
                 if not self._paused:
                     self._worker.start()
 

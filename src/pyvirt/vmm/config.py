@@ -37,14 +37,19 @@ __all__ = [
     "ConfigError",
     "ConsoleSpec",
     "DiskSpec",
+    "NicSpec",
     "OnReboot",
+    "PortForward",
     "SandboxSetting",
     "VmConfig",
+    "VsockSpec",
     "check_host",
     "host_memory_bytes",
     "parse_console",
     "parse_disk",
+    "parse_net",
     "parse_size",
+    "parse_vsock",
 ]
 
 Accel = Literal["auto", "kvm", "emu"]
@@ -57,6 +62,14 @@ CacheMode = Literal["none", "writeback"]
 MIN_MEMORY = 16 << 20  # below this Linux cannot even unpack an initramfs
 MAX_CPUS_HARD = 255  # xAPIC IDs / our MADT; KVM may allow fewer
 MAX_DISKS = 24
+MAX_NICS = 8
+#: port forwards of one user-mode NIC (passt takes one option per forward)
+MAX_FORWARDS = 64
+NetKind = Literal["tap", "user"]
+ForwardProto = Literal["tcp", "udp"]
+#: sun_path holds 108 bytes with its NUL; guest-initiated vsock connections go to
+#: PATH_PORT, up to 11 more bytes
+MAX_VSOCK_PATH = 107 - len("_4294967295")
 #: a configuration document is a few hundred bytes; this bounds what a file or an
 #: API body can make us parse
 MAX_DOCUMENT = 1 << 20
@@ -147,6 +160,125 @@ class DiskSpec:
                 "cache": self.cache, "discard": self.discard}
 
 
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: a Linux interface name: at most 15 bytes, no '/', no blanks, not "." or ".."
+_IFNAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
+_MAC_OK = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def _check_mac(mac: str, name: str) -> str:
+    if not _MAC_OK.match(mac):
+        raise ConfigError(f"{mac!r} is not a MAC address (six hex bytes: 52:54:00:12:34:56)",
+                          name)
+    first = int(mac[:2], 16)
+    if first & 1:
+        raise ConfigError(f"{mac} is a multicast address (the first byte must be even)", name)
+    if mac.replace(":", "").strip("0") == "":
+        raise ConfigError("00:00:00:00:00:00 is not a usable address", name)
+    return mac.lower()
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """A host port that reaches a guest port through user-mode networking
+    (QEMU's ``hostfwd``): ``host_addr`` "" listens on every host address."""
+
+    proto: ForwardProto
+    host_port: int
+    guest_port: int
+    host_addr: str = ""
+
+    def __post_init__(self) -> None:
+        if self.proto not in get_args(ForwardProto):
+            raise _enum_error("proto", self.proto, ("tcp", "udp"))
+        for key in ("host_port", "guest_port"):
+            if not 1 <= getattr(self, key) <= 65535:
+                raise ConfigError("must be a port number, 1-65535", key)
+        if self.host_addr:
+            import ipaddress
+
+            try:
+                ipaddress.ip_address(self.host_addr)
+            except ValueError:
+                raise ConfigError(f"{self.host_addr[:60]!r} is not an IP address",
+                                  "host_addr") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"proto": self.proto, "host_port": self.host_port,
+                "guest_port": self.guest_port, "host_addr": self.host_addr}
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    """One virtio-net NIC: user-mode networking (passt, no privileges) or a TAP
+    (``tap`` names it: an existing one is used, else one is created; ``bridge``
+    puts it on that bridge). ``mac`` None is filled by ``VmConfig``: derived from
+    the VM's name and the NIC's index when the VM has a name, else random."""
+
+    kind: NetKind
+    mac: str | None = None
+    tap: str | None = None
+    bridge: str | None = None
+    hostfwd: tuple[PortForward, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in get_args(NetKind):
+            raise _enum_error("kind", self.kind, ("tap", "user"))
+        if self.mac is not None:
+            object.__setattr__(self, "mac", _check_mac(self.mac, "mac"))
+        if self.kind == "tap":
+            if self.tap is None:
+                raise ConfigError("a TAP NIC needs the interface's name", "tap")
+            if self.hostfwd:
+                raise ConfigError("port forwards are for user-mode NICs only (this one is a "
+                                  "TAP)", "hostfwd")
+        else:
+            for key in ("tap", "bridge"):
+                if getattr(self, key) is not None:
+                    raise ConfigError("only a TAP NIC has one (kind is user)", key)
+        for key in ("tap", "bridge"):
+            value = getattr(self, key)
+            if value is not None and (not _IFNAME_OK.match(value) or value in (".", "..")):
+                raise ConfigError(f"{value[:40]!r} is not an interface name (1-15 letters, "
+                                  "digits, '_', '.', '-')", key)
+        if len(self.hostfwd) > MAX_FORWARDS:
+            raise ConfigError(f"at most {MAX_FORWARDS} port forwards", "hostfwd")
+        seen: dict[tuple[str, str, int], int] = {}
+        for i, fwd in enumerate(self.hostfwd):
+            port = (fwd.proto, fwd.host_addr, fwd.host_port)
+            if port in seen:
+                raise ConfigError(f"host port {fwd.proto}/{fwd.host_port} is forwarded twice "
+                                  f"(also hostfwd[{seen[port]}])", f"hostfwd[{i}]")
+            seen[port] = i
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "mac": self.mac, "tap": self.tap, "bridge": self.bridge,
+                "hostfwd": [f.to_dict() for f in self.hostfwd]}
+
+
+@dataclass(frozen=True)
+class VsockSpec:
+    """virtio-vsock with Firecracker's host side: the guest is ``cid``; host programs
+    connect to the Unix socket ``path`` (``CONNECT PORT\n``), and the guest's
+    connections to host port P reach the Unix socket ``PATH_P``."""
+
+    cid: int
+    path: Path
+
+    def __post_init__(self) -> None:
+        # 0, 1 and 2 are the hypervisor, local and host; 2^32-1 is "any"
+        if not 3 <= self.cid <= 0xFFFF_FFFE:
+            raise ConfigError("must be 3 to 4294967294 (0-2 are reserved, 2 is the host)",
+                              "cid")
+        _no_nul(self.path, "path")
+        if len(os.fsencode(self.path)) > MAX_VSOCK_PATH:
+            raise ConfigError(f"longer than {MAX_VSOCK_PATH} bytes (a Unix socket path, with "
+                              "_PORT appended for the guest's connections)", "path")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cid": self.cid, "path": str(self.path)}
+
+
 @dataclass(frozen=True)
 class VmConfig:
     kernel: Path
@@ -161,9 +293,33 @@ class VmConfig:
     disks: tuple[DiskSpec, ...] = ()
     rng: bool = True
     sandbox: SandboxSetting = "auto"
+    #: the VM's identity (stable MAC addresses derive from it); None: anonymous
+    name: str | None = None
+    nics: tuple[NicSpec, ...] = ()
+    vsock: VsockSpec | None = None
 
     def __post_init__(self) -> None:
         """The values alone (no file is looked at: see ``check_host``)."""
+        if self.name is not None and not _NAME_OK.match(self.name):
+            raise ConfigError("must be 1-64 letters, digits, '.', '_' or '-', starting with a "
+                              "letter or digit", "name")
+        if len(self.nics) > MAX_NICS:
+            raise ConfigError(f"at most {MAX_NICS} NICs ({len(self.nics)} given)", "nics")
+        taps: dict[str, int] = {}
+        for i, nic in enumerate(self.nics):
+            if nic.tap is not None:
+                if nic.tap in taps:
+                    raise ConfigError(f"TAP {nic.tap} is already nics[{taps[nic.tap]}]",
+                                      f"nics[{i}].tap")
+                taps[nic.tap] = i
+        if any(nic.mac is None for nic in self.nics):
+            object.__setattr__(self, "nics", self._with_macs())
+        macs: dict[str | None, int] = {}
+        for i, nic in enumerate(self.nics):
+            if nic.mac in macs:
+                raise ConfigError(f"{nic.mac} is already the address of nics[{macs[nic.mac]}]",
+                                  f"nics[{i}].mac")
+            macs[nic.mac] = i
         _no_nul(self.kernel, "kernel")
         if self.initrd is not None:
             _no_nul(self.initrd, "initrd")
@@ -184,6 +340,21 @@ class VmConfig:
         if self.sandbox not in get_args(SandboxSetting):
             raise _enum_error("sandbox", self.sandbox, ("auto", "on", "off"))
 
+    def _with_macs(self) -> tuple[NicSpec, ...]:
+        """The NICs with every missing MAC filled: derived from the name (stable), or
+        random for an anonymous VM (then recorded in the document: to_dict)."""
+        import dataclasses
+
+        from pyvirt.net.mac import derive_mac, format_mac, random_mac
+
+        out = []
+        for i, nic in enumerate(self.nics):
+            if nic.mac is None:
+                raw = derive_mac(self.name, i) if self.name is not None else random_mac()
+                nic = dataclasses.replace(nic, mac=format_mac(raw))
+            out.append(nic)
+        return tuple(out)
+
     # -- as a document
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,6 +372,9 @@ class VmConfig:
             "disks": [d.to_dict() for d in self.disks],
             "rng": self.rng,
             "sandbox": self.sandbox,
+            "name": self.name,
+            "nics": [n.to_dict() for n in self.nics],
+            "vsock": None if self.vsock is None else self.vsock.to_dict(),
         }
 
     def to_json(self, *, indent: int | None = 2) -> str:
@@ -230,6 +404,9 @@ class VmConfig:
             disks=_disks(doc.get("disks")),
             rng=_get(doc, "rng", bool, True),
             sandbox=_get(doc, "sandbox", str, "auto"),  # type: ignore[arg-type]
+            name=None if doc.get("name") is None else _get(doc, "name", str, None),
+            nics=_nics(doc.get("nics")),
+            vsock=_vsock(doc.get("vsock")),
         )
 
     @classmethod
@@ -259,7 +436,10 @@ class VmConfig:
 # ---- the document walker: strict types, unknown keys refused, paths in every error
 
 _VM_KEYS = ("kernel", "initrd", "cmdline", "cpus", "memory", "accel", "console", "on_reboot",
-            "verbose", "disks", "rng", "sandbox")
+            "verbose", "disks", "rng", "sandbox", "name", "nics", "vsock")
+_NIC_KEYS = ("kind", "mac", "tap", "bridge", "hostfwd")
+_FORWARD_KEYS = ("proto", "host_port", "guest_port", "host_addr")
+_VSOCK_KEYS = ("cid", "path")
 _CONSOLE_KEYS = ("kind", "path")
 _DISK_KEYS = ("path", "readonly", "serial", "cache", "discard")
 _JSON_TYPE = {bool: "true or false", int: "an integer", str: "a string"}
@@ -385,6 +565,72 @@ def _disks(value: object) -> tuple[DiskSpec, ...]:
     return tuple(disks)
 
 
+def _opt_str(doc: dict[str, Any], key: str) -> str | None:
+    return None if doc.get(key) is None else _get(doc, key, str, None)  # type: ignore[no-any-return]
+
+
+def _nics(value: object) -> tuple[NicSpec, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"expected an array, not {_json_kind(value)}", "nics")
+    if len(value) > MAX_NICS:
+        raise ConfigError(f"at most {MAX_NICS} NICs ({len(value)} given)", "nics")
+    nics = []
+    for i, item in enumerate(value):
+        where = f"nics[{i}]"
+        doc = _obj(item, where, _NIC_KEYS)
+        try:
+            kind = _get(doc, "kind", str, None)
+            if kind is None:
+                raise ConfigError("required", "kind")
+            nics.append(NicSpec(kind=kind, mac=_opt_str(doc, "mac"), tap=_opt_str(doc, "tap"),
+                                bridge=_opt_str(doc, "bridge"),
+                                hostfwd=_forwards(doc.get("hostfwd"))))
+        except ConfigError as exc:
+            raise exc.within(where) from None
+    return tuple(nics)
+
+
+def _forwards(value: object) -> tuple[PortForward, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"expected an array, not {_json_kind(value)}", "hostfwd")
+    if len(value) > MAX_FORWARDS:
+        raise ConfigError(f"at most {MAX_FORWARDS} port forwards", "hostfwd")
+    out = []
+    for i, item in enumerate(value):
+        where = f"hostfwd[{i}]"
+        doc = _obj(item, where, _FORWARD_KEYS)
+        try:
+            for key in ("proto", "host_port", "guest_port"):
+                if key not in doc:
+                    raise ConfigError("required", key)
+            out.append(PortForward(proto=_get(doc, "proto", str, "tcp"),
+                                   host_port=_get(doc, "host_port", int, 0),
+                                   guest_port=_get(doc, "guest_port", int, 0),
+                                   host_addr=_get(doc, "host_addr", str, "")))
+        except ConfigError as exc:
+            raise exc.within(where) from None
+    return tuple(out)
+
+
+def _vsock(value: object) -> VsockSpec | None:
+    if value is None:
+        return None
+    doc = _obj(value, "vsock", _VSOCK_KEYS)
+    try:
+        cid = _get(doc, "cid", int, None)
+        if cid is None:
+            raise ConfigError("required", "cid")
+        path = _path(doc, "path", required=True)
+        assert path is not None
+        return VsockSpec(cid, path)
+    except ConfigError as exc:
+        raise exc.within("vsock") from None
+
+
 # ---- the host: files, RAM
 
 
@@ -435,6 +681,35 @@ def check_host(config: VmConfig) -> None:
         if ident in seen:
             raise ConfigError(f"{d.path}: the same image as disks[{seen[ident]}].path", where)
         seen[ident] = i
+    for i, nic in enumerate(config.nics):
+        if nic.kind == "user":
+            import shutil
+
+            if shutil.which("passt") is None:
+                raise ConfigError("user-mode networking needs passt, which is not installed "
+                                  "(Debian package passt)", f"nics[{i}]")
+    if config.vsock is not None:
+        _check_socket_path(config.vsock.path, "vsock.path")
+
+
+def _check_socket_path(path: Path, name: str) -> None:
+    """A Unix socket can be created at ``path`` (an old socket file there is replaced
+    when nobody listens on it: ``bind_listener``)."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{path}: directory {parent} does not exist", name)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{path}: cannot create a socket in {parent}: permission denied",
+                          name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"{path}: {_why(exc)}", name) from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{path} is {describe_mode(st.st_mode)}, not a socket (refusing to "
+                          "replace it)", name)
 
 
 def _why(exc: OSError) -> str:
@@ -552,3 +827,88 @@ def parse_disk(spec: str) -> DiskSpec:
     except ConfigError as exc:  # DiskSpec names its field: here the option is the key
         raise ConfigError(f"--disk {spec}: {exc.detail}" if exc.field == "path" else
                           f"--disk {spec}: {exc.field} {exc.detail}") from None
+
+
+def _options(flag: str, spec: str, *, text: str | None = None,
+             repeatable: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """``a=1,b=2`` (``text``, by default the whole ``spec``) as pairs; a key given
+    twice is refused unless ``repeatable``. Errors quote the whole ``spec``."""
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for part in (spec if text is None else text).split(","):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ConfigError(f"{flag} {spec}: {part!r} is not key=value")
+        if key in seen and key not in repeatable:
+            raise ConfigError(f"{flag} {spec}: {key} given twice")
+        seen.add(key)
+        out.append((key, value))
+    return out
+
+
+_HOSTFWD_RE = re.compile(r"^(tcp|udp)?:([^:]*):(\d{1,5})-([^:]*):(\d{1,5})$")
+
+
+def parse_hostfwd(text: str, spec: str) -> PortForward:
+    """QEMU's ``[tcp|udp]:[HOSTADDR]:HOSTPORT-:GUESTPORT`` (the guest address is the
+    guest's own: left empty)."""
+    m = _HOSTFWD_RE.match(text)
+    if not m:
+        raise ConfigError(f"--net {spec}: hostfwd={text!r}: expected "
+                          "[tcp|udp]:[HOSTADDR]:HOSTPORT-:GUESTPORT")
+    proto, host_addr, host_port, guest_addr, guest_port = m.groups()
+    if guest_addr:
+        raise ConfigError(f"--net {spec}: hostfwd={text}: the guest address cannot be chosen "
+                          "(leave it empty: tcp::8080-:80)")
+    try:
+        return PortForward(proto or "tcp", int(host_port), int(guest_port),  # type: ignore[arg-type]
+                           host_addr)
+    except ConfigError as exc:
+        raise ConfigError(f"--net {spec}: hostfwd={text}: {exc.detail}") from None
+
+
+def parse_net(spec: str) -> NicSpec | None:
+    """``--net user[,mac=MAC][,hostfwd=...]...``, ``--net tap=NAME[,mac=MAC][,bridge=BR]``
+    or ``--net none`` (None)."""
+    if spec == "none":
+        return None
+    head, _, rest = spec.partition(",")
+    opts = _options("--net", spec, text=rest, repeatable=("hostfwd",)) if rest else []
+    if head == "user":
+        allowed: tuple[str, ...] = ("mac", "hostfwd")
+        kind, tap = "user", None
+    elif head.startswith("tap="):
+        allowed = ("mac", "bridge")
+        kind, tap = "tap", head[4:]
+    else:
+        raise ConfigError(f"--net {spec}: expected user[,...], tap=NAME[,...] or none")
+    for key, _ in opts:
+        if key not in allowed:
+            raise ConfigError(f"--net {spec}: unknown option {key!r} for a {kind} NIC "
+                              f"(expected {' or '.join(allowed)})")
+    values = dict(opts)
+    forwards = tuple(parse_hostfwd(v, spec) for k, v in opts if k == "hostfwd")
+    try:
+        return NicSpec(kind, mac=values.get("mac"), tap=tap,  # type: ignore[arg-type]
+                       bridge=values.get("bridge"), hostfwd=forwards)
+    except ConfigError as exc:
+        raise ConfigError(f"--net {spec}: {exc.field or kind} {exc.detail}"
+                          if exc.field not in (None, "tap") else
+                          f"--net {spec}: {exc.detail}") from None
+
+
+def parse_vsock(spec: str) -> VsockSpec:
+    """``--vsock cid=N,path=PATH``."""
+    opts = dict(_options("--vsock", spec))
+    unknown = set(opts) - {"cid", "path"}
+    if unknown:
+        raise ConfigError(f"--vsock {spec}: unknown option {sorted(unknown)[0]!r} "
+                          "(expected cid and path)")
+    if "cid" not in opts or not opts.get("path"):
+        raise ConfigError(f"--vsock {spec}: cid=N and path=PATH are required")
+    if not opts["cid"].isdigit() or len(opts["cid"]) > 10:
+        raise ConfigError(f"--vsock {spec}: cid={opts['cid']!r} is not a number")
+    try:
+        return VsockSpec(int(opts["cid"]), Path(opts["path"]))
+    except ConfigError as exc:
+        raise ConfigError(f"--vsock {spec}: {exc.field} {exc.detail}") from None

@@ -17,6 +17,8 @@ States and the actions legal in each (anything else is refused with
     reset          running, paused     the machine is reset in place (state kept)
     force-stop     any but stopped     the VM stops now, as pulling the plug
     snapshot       paused              configuration, device/vCPU state, RAM to a directory
+    nic-link       created, running,   a NIC's link up or down (the guest sees the carrier
+                   paused              change; a cable pulled and plugged back)
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ ACTIONS: dict[str, frozenset[VmState]] = {
     "reset": frozenset({_R, _P}),
     "force-stop": frozenset({_C, _R, _P, VmState.CRASHED}),
     "snapshot": frozenset({_P}),
+    "nic-link": frozenset({_C, _R, _P}),
 }
 
 
@@ -107,5 +110,7 @@ class VmControl(Protocol):
     def force_stop(self) -> None: ...
 
     def snapshot(self, path: str) -> dict[str, object]: ...
+
+    def set_nic_link(self, nic: int, up: bool) -> None: ...
 
     def metrics(self) -> list[MetricFamily]: ...

@@ -567,12 +567,14 @@ def attach_legacy_devices(m: Machine, vm: Vm) -> None:
 
 
 def attach_pci(m: Machine, vm: Vm, mem: GuestMemory) -> None:
-    """PCI bus 0 and the virtio devices: disks (vda, vdb, ...), rng, console."""
+    """PCI bus 0 and the virtio devices: disks (vda, vdb, ...), NICs (eth0, ...), rng,
+    console, vsock."""
     from pyvirt.pci.root import attach_pci_root
 
     root = m.pci = attach_pci_root(m.pio, m.mmio, vm.irq_line, mem.end)
     cfg = m.config
-    if not (cfg.disks or cfg.rng or cfg.console.kind == "virtio"):
+    if not (cfg.disks or cfg.nics or cfg.rng or cfg.console.kind == "virtio"
+            or cfg.vsock is not None):
         return
     from pyvirt.virtio.device import VirtioDevice
     from pyvirt.virtio.pci import VirtioPciDevice
@@ -594,6 +596,16 @@ def attach_pci(m: Machine, vm: Vm, mem: GuestMemory) -> None:
                               name=f"virtio-blk-{name}")
             plug(blk, f"virtio-blk-{name}")
             m.devices[f"disk-{name}"] = blk
+    if cfg.nics:
+        from pyvirt.net.mac import parse_mac
+        from pyvirt.virtio.net import NetDevice
+
+        # the backends (TAP, passt) were opened once for the VM's life (VmResources)
+        for i, (nic, backend) in enumerate(zip(cfg.nics, m.resources.nics, strict=True)):
+            assert nic.mac is not None  # VmConfig fills every MAC
+            net = NetDevice(backend, mac=parse_mac(nic.mac), name=f"virtio-net-{i}")
+            plug(net, f"virtio-net-{i}")
+            m.devices[f"nic-{i}"] = net
     if cfg.rng:
         from pyvirt.virtio.rng import RngDevice
 
@@ -606,6 +618,15 @@ def attach_pci(m: Machine, vm: Vm, mem: GuestMemory) -> None:
         con = ConsoleDevice(m.console.write)
         plug(con, "virtio-console")
         m.devices["console-input"] = con
+    if cfg.vsock is not None:
+        from pyvirt.virtio.vsock import VsockDevice
+
+        listener = m.resources.vsock_listener
+        assert listener is not None  # bound by VmResources
+        vsock = VsockDevice(guest_cid=cfg.vsock.cid, listener=listener,
+                            uds_path=cfg.vsock.path)
+        plug(vsock, "virtio-vsock")
+        m.devices["vsock"] = vsock
 
 
 def attach_kernel(m: Machine, mem: GuestMemory) -> int:

@@ -8,26 +8,34 @@ and closes them when the VM ends (``run_vm`` owns it; a context manager):
 - the disk images: opened and locked (``DiskImage``); a guest reboot rebuilds
   the machine but not its disks, so the lock is never released while the VM
   lives; the same file under two names is refused by device and inode;
+- the NICs' host sides (``NetBackend``): a TAP opened (or created, and put on
+  its bridge) or a passt process started, once: a guest reboot keeps them;
+- the vsock's listening Unix socket, bound before the sandbox closes the
+  file system (the device connects to ``PATH_PORT`` sockets at run time);
 - the console: its output file is created or truncated only by ``start()``,
   once every input has been checked.
 
-Order of opening: kernel, initrd, disks (locked), then (``start``) the
-console; a failure closes what was opened and leaves no file written.
+Order of opening: kernel, initrd, disks (locked), NICs, the vsock socket,
+then (``start``) the console; a failure closes what was opened and leaves no
+file written (a vsock socket file we bound is removed again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pyvirt.hostfile import FileIdentity, open_host_file
 from pyvirt.loader.errors import LoaderError
-from pyvirt.vmm.config import VmConfig
+from pyvirt.vmm.config import NicSpec, VmConfig
 from pyvirt.vmm.console import Console
 
-if TYPE_CHECKING:  # virtio-blk is imported only for VMs with disks
+if TYPE_CHECKING:  # virtio-blk and the network are imported only for VMs that have them
+    from pyvirt.net.backend import NetBackend
     from pyvirt.virtio.blk import DiskImage
 
 __all__ = ["BootFile", "VmResources"]
@@ -76,6 +84,8 @@ class VmResources:
     kernel: BootFile | None = None
     initrd: BootFile | None = None
     disks: list[DiskImage] = field(default_factory=list)
+    nics: list[NetBackend] = field(default_factory=list)
+    vsock_listener: socket.socket | None = None
     started: bool = False
 
     @classmethod
@@ -98,6 +108,12 @@ class VmResources:
                                            others=taken)
                     res.disks.append(image)
                     taken[image.identity] = f"{what} ({spec.path})"
+            for i, nic in enumerate(config.nics):
+                res.nics.append(_open_nic(nic, f"nics[{i}]"))
+            if config.vsock is not None:
+                from pyvirt.virtio.vsock import bind_listener
+
+                res.vsock_listener = bind_listener(config.vsock.path, "vsock.path")
         except BaseException:
             res.close()
             raise
@@ -116,6 +132,15 @@ class VmResources:
         for image in self.disks:
             image.close()
         self.disks.clear()
+        for nic in self.nics:
+            nic.close()
+        self.nics.clear()
+        if self.vsock_listener is not None:
+            self.vsock_listener.close()
+            self.vsock_listener = None
+            if self.config.vsock is not None:  # ours: bound by bind_listener for this VM
+                with contextlib.suppress(OSError):
+                    os.unlink(self.config.vsock.path)
         for f in (self.kernel, self.initrd):
             if f is not None:
                 f.close()
@@ -125,3 +150,16 @@ class VmResources:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_nic(nic: NicSpec, what: str) -> NetBackend:
+    """The host side of one NIC; errors name ``what`` (``nics[0]``)."""
+    if nic.kind == "tap":
+        from pyvirt.net.tap import open_tap
+
+        assert nic.tap is not None
+        return open_tap(nic.tap, create=True, bridge=nic.bridge, what=what)
+    from pyvirt.net.passt import HostForward, start_passt
+
+    return start_passt(hostfwd=[HostForward(f.proto, f.host_addr, f.host_port, f.guest_port)
+                                for f in nic.hostfwd], what=what)

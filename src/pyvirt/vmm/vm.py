@@ -16,6 +16,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from pyvirt.errors import UserInputError
 from pyvirt.vmm.control import ActionRefused, MetricFamily, VmState, refuse_unless
 from pyvirt.vmm.machine import Machine, Outcome, RunResult
 
@@ -121,6 +122,25 @@ class VirtualMachine:
         return write_snapshot(self.machine, self.snapshot_config_doc(), self.backend,
                               self.backend_detail, target)
 
+    def set_nic_link(self, nic: int, up: bool) -> None:
+        """Pull a NIC's cable out (``up`` False) or plug it back: the guest's driver sees
+        the carrier change (virtio-net STATUS, a config interrupt)."""
+        self._require("nic-link")
+        device: Any = self.machine.devices.get(f"nic-{nic}")
+        if device is None:
+            count = len(self.machine.config.nics)
+            raise UserInputError(f"nic: the VM has no NIC {nic} "
+                                 f"({f'0 to {count - 1}' if count else 'it has none'})")
+        device.set_link(up)
+
+    def nics(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for i, nic in enumerate(self.machine.config.nics):
+            device: Any = self.machine.devices.get(f"nic-{i}")
+            out.append({"index": i, "kind": nic.kind, "mac": nic.mac,
+                        "link_up": bool(device is not None and device.link_up)})
+        return out
+
     def snapshot_config_doc(self) -> dict[str, Any]:
         """The configuration a snapshot keeps: paths made absolute (it may be restored
         from another directory) and the backend it ran on (auto could pick another)."""
@@ -182,6 +202,7 @@ class VirtualMachine:
             "pyvirt_version": pyvirt_version(),
             "boot_count": self.boot_count,
             "config": self.config_doc(),
+            "nics": self.nics(),
         }
 
     def metrics(self) -> list[MetricFamily]:
