@@ -447,7 +447,8 @@ def passt_socket(tmp: Path) -> Iterator[Path]:
     sock = folder / "passt.sock"
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
-    p = subprocess.Popen(_in_ns("passt", "-f", "-q", "-1", "-s", str(sock),
+    # -m 65520: the MTU pyvirt's passt offers (newer passt's default), for a like-for-like run
+    p = subprocess.Popen(_in_ns("passt", "-f", "-q", "-1", "-s", str(sock), "-m", "65520",
                                 "-t", f"{FWD_PORT}:{IPERF_PORT}"),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -467,12 +468,16 @@ def passt_socket(tmp: Path) -> Iterator[Path]:
 # --- one VM's measurements ----------------------------------------------------------
 
 
-def tap_run(cmd: list[str], secs: int, uds: Path | None, log: Path | None) -> dict[str, float]:
+def tap_run(cmd: list[str], secs: int, uds: Path | None, log: Path | None,
+            ways: str = "g2h,h2g") -> dict[str, float]:
     g = Guest(cmd, log)
     try:
         g.wait_address()
-        f = {"tap_g2h": g.iperf(f"-c {HOST_IP}", secs),
-             "tap_h2g": g.iperf(f"-c {HOST_IP} -R", secs)}
+        f = {}
+        if "g2h" in ways:
+            f["tap_g2h"] = g.iperf(f"-c {HOST_IP}", secs)
+        if "h2g" in ways:
+            f["tap_h2g"] = g.iperf(f"-c {HOST_IP} -R", secs)
         f["ping_med"], f["ping_p99"] = host_ping(GUEST_IP)
         if uds is not None:
             install_helper(g)
@@ -506,14 +511,23 @@ def _rootfs_has_iperf3(rootfs: Path) -> bool:
     return "iperf3" in packages
 
 
-def run(runs: int, secs: int = RUN_S) -> list[Row]:
+#: what ``--paths`` may name (the default is all of them)
+PATHS = ("tap", "user", "vsock")
+
+
+def run(runs: int, secs: int = RUN_S, *, paths: Sequence[str] = PATHS,
+        pyvirt_only: bool = False, ways: str = "g2h,h2g") -> list[Row]:
+    """``paths``: which NICs to measure (vsock rides on the TAP VM); ``pyvirt_only``:
+    no QEMU side; ``ways``: the TAP's iperf3 directions. ``NET_BENCH_PROFILE=DIR``
+    runs each pyvirt under ``py-spy record`` (collapsed stacks in DIR)."""
     from pyvirt.guest.build import build_default_guest
     from pyvirt.guest.rootfs import build_rootfs
 
     if os.geteuid() != 0:
         print("net: needs root (a network namespace and a TAP): not measured")
         return []
-    for tool in ("qemu-system-x86_64", "passt", "iperf3", "ip"):
+    tools = ["passt", "iperf3", "ip"] + ([] if pyvirt_only else ["qemu-system-x86_64"])
+    for tool in tools:
         if shutil.which(tool) is None:
             print(f"net: {tool} is not installed: not measured")
             return []
@@ -527,6 +541,7 @@ def run(runs: int, secs: int = RUN_S) -> list[Row]:
     with_pyvirt = pyvirt_has_net()
     if not with_pyvirt:
         print("net: pyvirt run has no --net/--vsock yet: QEMU side only")
+    profile = os.environ.get("NET_BENCH_PROFILE")
     tap_args = f"{GUEST_ARGS} pyvirt.ip={GUEST_IP}/{PREFIX}"
     logs = os.environ.get("NET_BENCH_LOGS")
     logdir = Path(logs) if logs else None
@@ -542,25 +557,43 @@ def run(runs: int, secs: int = RUN_S) -> list[Row]:
         tmp = Path(tmpname)
         tmp.chmod(0o711)  # passt (as nobody) reaches its folder in here
         uds = tmp / "vsock.sock"
+        # a private (sparse) copy: nothing else on the host can hold a conflicting lock
+        private = tmp / "rootfs.ext4"
+        subprocess.run(["cp", "--sparse=always", str(rootfs), str(private)], check=True)
+        rootfs = private
 
         def log(name: str, i: int) -> Path | None:
             return logdir / f"{name}-{i}.log" if logdir else None
 
+        def pyvirt(name: str, i: int, cmd: list[str]) -> list[str]:
+            if not profile:
+                return cmd
+            out = Path(profile) / f"{name}-{i}.txt"
+            return [str(ROOT / ".venv/bin/py-spy"), "record", "--threads", "--format", "raw",
+                    "-r", "200", "-o", str(out), "--", *cmd]
+
+        want_tap = "tap" in paths or "vsock" in paths
+        tap_ways = ways if "tap" in paths else ""
+        vsock = uds if "vsock" in paths else None
+
         # (side, a callable measuring one VM of run i)
         sides: list[tuple[str, Callable[[int], dict[str, float]]]] = []
-        if with_pyvirt:
+        if with_pyvirt and want_tap:
             sides.append(("pyvirt-tap", lambda i: tap_run(
-                pyvirt_cmd(g.kernel, g.initrd, rootfs, f"tap={TAP}", tap_args,
-                           ["--vsock", f"cid={VSOCK_CID},path={uds}"]),
-                secs, uds, log("pyvirt-tap", i))))
-        sides.append(("qemu-tap", lambda i: tap_run(
-            qemu_cmd(g.kernel, g.initrd, rootfs,
-                     f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off", tap_args),
-            secs, None, log("qemu-tap", i))))
-        if with_pyvirt:
+                pyvirt("pyvirt-tap", i, pyvirt_cmd(
+                    g.kernel, g.initrd, rootfs, f"tap={TAP}", tap_args,
+                    ["--vsock", f"cid={VSOCK_CID},path={uds}"])),
+                secs, vsock, log("pyvirt-tap", i), tap_ways)))
+        if "tap" in paths and not pyvirt_only:
+            sides.append(("qemu-tap", lambda i: tap_run(
+                qemu_cmd(g.kernel, g.initrd, rootfs,
+                         f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off", tap_args),
+                secs, None, log("qemu-tap", i), tap_ways)))
+        if with_pyvirt and "user" in paths:
             sides.append(("pyvirt-user", lambda i: user_run(
-                pyvirt_cmd(g.kernel, g.initrd, rootfs,
-                           f"user,hostfwd=tcp::{FWD_PORT}-:{IPERF_PORT}", GUEST_ARGS),
+                pyvirt("pyvirt-user", i, pyvirt_cmd(
+                    g.kernel, g.initrd, rootfs,
+                    f"user,hostfwd=tcp::{FWD_PORT}-:{IPERF_PORT}", GUEST_ARGS)),
                 secs, log("pyvirt-user", i))))
 
         def qemu_passt(i: int) -> dict[str, float]:
@@ -570,11 +603,12 @@ def run(runs: int, secs: int = RUN_S) -> list[Row]:
                                          f"addr.path={sock}", GUEST_ARGS),
                                 secs, log("qemu-passt", i))
 
-        sides.append(("qemu-passt", qemu_passt))
-        sides.append(("qemu-slirp", lambda i: user_run(
-            qemu_cmd(g.kernel, g.initrd, rootfs,
-                     f"user,id=n0,hostfwd=tcp::{FWD_PORT}-:{IPERF_PORT}", GUEST_ARGS),
-            secs, log("qemu-slirp", i))))
+        if "user" in paths and not pyvirt_only:
+            sides.append(("qemu-passt", qemu_passt))
+            sides.append(("qemu-slirp", lambda i: user_run(
+                qemu_cmd(g.kernel, g.initrd, rootfs,
+                         f"user,id=n0,hostfwd=tcp::{FWD_PORT}-:{IPERF_PORT}", GUEST_ARGS),
+                secs, log("qemu-slirp", i))))
 
         for i in range(runs):
             for name, measure in sides:
@@ -588,10 +622,11 @@ def run(runs: int, secs: int = RUN_S) -> list[Row]:
                 note(name, figures)
                 print(f"net: {name} run {i + 1}: "
                       + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()), flush=True)
-            try:
-                note("host", {"loopback": loopback_mibs(secs)})
-            except (RuntimeError, ValueError, subprocess.SubprocessError) as err:
-                print(f"net: loopback iperf3 failed: {err}", flush=True)
+            if vsock is not None:
+                try:
+                    note("host", {"loopback": loopback_mibs(secs)})
+                except (RuntimeError, ValueError, subprocess.SubprocessError) as err:
+                    print(f"net: loopback iperf3 failed: {err}", flush=True)
             print(f"net: round {i + 1} of {runs} done", flush=True)
 
     def row(metric: str, key: str, other: str, unit: str, other_name: str = "QEMU",
@@ -619,6 +654,8 @@ def run(runs: int, secs: int = RUN_S) -> list[Row]:
     ]
     fail_pyvirt = failed.get("pyvirt-tap", 0) + failed.get("pyvirt-user", 0)
     fail_qemu = sum(v for k, v in failed.items() if k.startswith("qemu"))
+    # what --paths/--pyvirt-only left out is not a row of nan
+    rows = [r for r in rows if r.pyvirt or r.other]
     rows.append(Row("runs that failed", [float(fail_pyvirt)], [float(fail_qemu)], unit=""))
     return rows
 
@@ -636,8 +673,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.net_bench")
     ap.add_argument("--runs", type=int, default=3, help="runs per side (alternating)")
     ap.add_argument("--seconds", type=int, default=RUN_S, help="length of each stream")
+    ap.add_argument("--paths", default=",".join(PATHS),
+                    help=f"comma-separated, of {', '.join(PATHS)} (default: all)")
+    ap.add_argument("--ways", default="g2h,h2g",
+                    help="the TAP's iperf3 directions: g2h, h2g or both (default)")
+    ap.add_argument("--pyvirt-only", action="store_true", help="no QEMU side")
     args = ap.parse_args()
-    print_rows("networking, Debian rootfs guest, software CPU", run(args.runs, args.seconds))
+    paths = [p for p in args.paths.split(",") if p]
+    bad = [p for p in paths if p not in PATHS]
+    if bad or not paths:
+        ap.error(f"--paths: unknown path {bad[0] if bad else '(none)'!r}; "
+                 f"choose from {', '.join(PATHS)}")
+    print_rows("networking, Debian rootfs guest, software CPU",
+               run(args.runs, args.seconds, paths=paths, pyvirt_only=args.pyvirt_only,
+                   ways=args.ways))
 
 
 if __name__ == "__main__":

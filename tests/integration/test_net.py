@@ -236,10 +236,12 @@ def test_tap_dhcp_ping_dns_tftp_tcp_and_link(image: GuestImage, netns: NetNs, vm
 
     # TCP host -> guest: the guest's nc writes what it gets to a file
     (tmp_path / "down.bin").write_bytes(data := os.urandom(BLOB))
-    vm.send("nc -l -p 5000 > /tmp/down.bin &")
+    # background work as a grandchild "(cmd &)": see pyvirt.noecho in pyvirt.guest.build
+    vm.send("(nc -l -p 5000 > /tmp/down.bin &)")
     src = netns.python(_SOURCE, ip, "5000", str(tmp_path / "down.bin"))
     _line(src, b"SENT", timeout=300)
-    got = vm.ask("sleep 1; wait; sha256sum /tmp/down.bin | cut -d' ' -f1", "DOWN", timeout=300)
+    got = vm.ask("while pidof nc >/dev/null; do sleep 0.2; done; "
+                 "sha256sum /tmp/down.bin | cut -d' ' -f1", "DOWN", timeout=300)
     assert got == hashlib.sha256(data).hexdigest()
     # TCP guest -> host: the host reads exactly BLOB bytes, then closes
     sink = netns.python(_SINK, str(BLOB), "5001")
@@ -417,12 +419,11 @@ def test_vsock_streams_both_ways(image: GuestImage, vsock_initrd: Path, vms: lis
         pattern(VSOCK_BIG, 7)).hexdigest())
 
     # host -> guest: CONNECT 6000 through uds, 100 MiB to the guest's listener
-    vm.send("vsock-io listen 6000 recv > /tmp/h2g.txt 2>&1 &")
+    vm.send("(vsock-io listen 6000 recv > /tmp/h2g.txt 2>&1 &)")
     assert vm.ask("sleep 1; cat /tmp/h2g.txt", "LISTENING") == "listening"
     host = subprocess.run([tool, "uds-connect", str(uds), "6000", "send", str(VSOCK_BIG), "9"],
                           capture_output=True, text=True, timeout=600)
     assert host.returncode == 0, host.stderr
-    # (no `wait` here: inside $(...) busybox ash waits on jobs that are not its own)
     got = vm.ask("until grep -q 'bytes=' /tmp/h2g.txt; do sleep 0.2; done; tail -1 /tmp/h2g.txt",
                  "H2G", timeout=600)
     assert parse_report(got)[1:] == parse_report(host.stdout)[1:]
@@ -434,10 +435,10 @@ def test_vsock_streams_both_ways(image: GuestImage, vsock_initrd: Path, vms: lis
                  for i in range(3)]
     for proc in listeners:
         _line(proc, b"listening")
-    vm.send("vsock-io listen 6100 echo > /tmp/echo.txt 2>&1 &")
+    vm.send("(vsock-io listen 6100 echo > /tmp/echo.txt 2>&1 &)")
     assert vm.ask("sleep 1; head -1 /tmp/echo.txt", "ELISTEN") == "listening"
-    vm.send("for i in 0 1 2; do vsock-io connect 2 $((5100 + i)) send 8388608 $((20 + i)) "
-            "> /tmp/multi$i.txt 2>&1 & done")
+    vm.send("for i in 0 1 2; do (vsock-io connect 2 $((5100 + i)) send 8388608 $((20 + i)) "
+            "> /tmp/multi$i.txt 2>&1 &); done")
     echo = subprocess.run([tool, "uds-connect", str(uds), "6100", "send", "8388608", "30"],
                           capture_output=True, text=True, timeout=600)
     assert echo.returncode == 0, echo.stderr

@@ -314,6 +314,24 @@ def test_rx_large_gso_frame_over_many_buffers(drv: VirtioPciDriver,
     assert n.received()[1] == small  # the buffers left over serve the next frame
 
 
+def test_rx_adjacent_buffers_are_one_dma_range(drv: VirtioPciDriver,
+                                               backend: SeqpacketBackend) -> None:
+    """Linux carves mergeable buffers one after another from a page frag: a frame over
+    adjacent buffers is one DMA note (the software CPU looks up its code cache per
+    note), and it covers exactly what was written."""
+    n = Net(drv)
+    n.post(60, 1536)  # bump-allocated: adjacent
+    first = min(a for a, _ in n.rx_bufs.values())
+    big = frame(MAC, 30000, 5)
+    with drv.vm.lock:
+        drv.vm.dma.clear()
+    backend.peer.send(hdr() + big)
+    _, got_f, num = n.received()
+    assert got_f == big and num == -(-(30000 + 12) // 1536)
+    with drv.vm.lock:
+        assert drv.vm.dma == [(first, 30000 + 12)]
+
+
 def test_rx_without_mrg_rxbuf(drv: VirtioPciDriver, backend: SeqpacketBackend) -> None:
     n = Net(drv, drv.device_features() & ~(1 << vnet.F_MRG_RXBUF))
     n.post(4, 1526)  # Linux's "small" buffers

@@ -666,3 +666,118 @@ def test_serve_queue_holds_back_at_most_a_ring(mem: GuestMemory) -> None:
     assert served == 200
     assert sum(transport.batches) == 200
     assert max(transport.batches) <= q.size
+
+
+# ---- the batched fast paths against the one-at-a-time ones ----------------------------
+
+
+def _outcome(q: SplitQueue, take: object) -> list[object]:
+    """What popping yields until the ring is empty or broken: chains as tuples, then
+    "broken" (and where last_avail stood)."""
+    got: list[object] = []
+    for _ in range(1100):  # more calls than any ring needs
+        try:
+            batch = take()  # type: ignore[operator]
+        except QueueBroken:
+            got.append(("broken", q.last_avail))
+            return got
+        if not batch:
+            got.append(("empty", q.last_avail))
+            return got
+        got += [(c.head, c.readable, c.writable, c.error is None) for c in batch]
+    raise AssertionError("popping never ended")
+
+
+def _walked_pop(q: SplitQueue) -> Chain | None:
+    """The slow path: ``pop`` as it was before the batch, every chain walked."""
+    mem = q.mem
+    assert mem is not None
+    idx = mem.read_u16(AVAIL + 2)
+    pending = (idx - q.last_avail) & 0xFFFF
+    if pending == 0:
+        return None
+    head = mem.read_u16(AVAIL + 4 + 2 * (q.last_avail % q.size))
+    if pending > q.size or head >= q.size:
+        raise QueueBroken("broken")
+    q.last_avail = (q.last_avail + 1) & 0xFFFF
+    chain = Chain(head)
+    chain.error = q._walk(mem, chain)
+    if chain.error is not None:
+        chain.readable.clear()
+        chain.writable.clear()
+    return chain
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(image=_queue_images(), sizes=st.lists(st.integers(1, 80), min_size=1, max_size=8),
+       single=st.booleans(), edges=st.lists(st.tuples(
+           st.sampled_from(_EDGE_ENDS), st.integers(1, 64), st.sampled_from([-1, 0, 1]),
+           st.sampled_from([R, W])), min_size=16, max_size=16))
+def test_pop_many_agrees_with_pop(mem: GuestMemory, image: dict[str, object],
+                                  sizes: list[int], single: bool,
+                                  edges: list[tuple[int, int, int, int]]) -> None:
+    """``pop_many`` (a batch per read of the ring, a walk-free path for one-descriptor
+    chains) gives the same chains, errors and QueueBroken point as walking each chain,
+    whatever the batch sizes; ``single`` makes most chains one direct descriptor."""
+    size = image["size"]
+    assert isinstance(size, int)
+    indirect = bool(image["indirect"])
+    q = make_queue(mem, size, indirect=indirect)
+    table = image["table"]
+    assert isinstance(table, list)
+    for i, d in enumerate(table):
+        if single and i % 4 == 1:  # one buffer at (or past) the end of RAM
+            edge, k, delta, flags = edges[i]
+            d = (edge - k, k + delta, flags, 0)
+        elif single and i % 4:  # a mergeable receive buffer (or a bad/empty one)
+            d = (d[0], d[1], d[2] & DESC_F_WRITE)
+        desc(mem, i, *d)
+    for t, entries in zip(TABLES, image["indirect_tables"], strict=True):  # type: ignore[call-overload]
+        for i, d in enumerate(entries):
+            desc(mem, i, *d, table=t)
+    start = image["start"]
+    assert isinstance(start, int)
+    for k, h in enumerate(image["heads"]):  # type: ignore[arg-type]
+        mem.write_u16(AVAIL + 4 + 2 * ((start + k) % size), h)
+    mem.write_u16(AVAIL + 2, (start + image["ahead"]) & 0xFFFF)  # type: ignore[operator]
+
+    q.last_avail = start
+    with _deadline(5):
+        want = _outcome(q, lambda: [c] if (c := _walked_pop(q)) is not None else [])
+    q.last_avail = start
+    turns = iter(sizes * 200)
+    with _deadline(5):
+        got = _outcome(q, lambda: q.pop_many(next(turns)))
+    assert got == want
+
+
+def test_pop_many_returns_the_chains_before_a_bad_head(mem: GuestMemory) -> None:
+    q = make_queue(mem, size=8)
+    desc(mem, 0, DATA, 16, W)
+    desc(mem, 1, DATA + 16, 16, R)
+    Avail(mem, q).publish(0, 1, 9, 0)
+    chains = q.pop_many(8)
+    assert [(c.head, c.readable, c.writable) for c in chains] == [
+        (0, [], [(DATA, 16)]), (1, [(DATA + 16, 16)], [])]
+    assert q.last_avail == 2
+    with pytest.raises(QueueBroken):
+        q.pop_many(8)
+    assert q.last_avail == 2
+
+
+@given(start=st.integers(0, 0xFFFF), done=st.lists(
+    st.tuples(st.integers(0, 7), st.integers(0, 0xFFFF_FFFF)), max_size=8))
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_push_many_agrees_with_push(mem: GuestMemory, start: int,
+                                    done: list[tuple[int, int]]) -> None:
+    q = make_queue(mem, size=8)
+    q.used_idx = start
+    for head, n in done:
+        q.push(head, n)
+    want = (mem.read(USED, 4 + 8 * 8), q.used_idx)
+    q = make_queue(mem, size=8)
+    q.used_idx = start
+    q.push_many(done)
+    assert (mem.read(USED, 4 + 8 * 8), q.used_idx) == want

@@ -103,6 +103,10 @@ export PS1='# '
 export HOME=/root
 # pyvirt.noecho on the kernel command line: no echo and no line editing, so scripted
 # input comes back as just the commands' output (and no "ESC[6n" cursor queries).
+# Then busybox ash reads its input with stdio (fgets), which takes the EINTR of a
+# SIGCHLD as end of input: a background job of this shell that ends while it waits
+# for a line ends the shell (init starts a new one). Harnesses start background work
+# as "(cmd &)", a grandchild.
 case " $(cat /proc/cmdline 2>/dev/null) " in *" pyvirt.noecho "*) stty -echo ;; esac
 # Printed here rather than in rcS: the shell has its tty open now, so whatever the host
 # sends from this line on is kept in the tty's buffer until the shell reads it.

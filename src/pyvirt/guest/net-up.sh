@@ -29,6 +29,6 @@ if [ -n "$static" ]; then
     exit 0
 fi
 # Three tries a second apart, then on in the background (no answer: boot goes on).
-$bb udhcpc -i eth0 -s /usr/share/udhcpc/default.script -b -t 3 -T 1 -x hostname:pyvirt \
+$bb udhcpc -i eth0 -s /usr/share/udhcpc/default.script -b -t 3 -T 1 -O mtu -x hostname:pyvirt \
     -p /run/udhcpc.eth0.pid >/dev/null 2>&1
 exit 0

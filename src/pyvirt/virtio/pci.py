@@ -468,8 +468,7 @@ class VirtioPciDevice(PciDevice):
         with queue.lock:
             if not queue.ready:
                 return  # reset under our feet: the driver forgot these
-            for head, written in done:
-                queue.push(head, written)
+            queue.push_many(done)
             due = queue.needs_interrupt()
         self._requests += len(done)
         if due:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -45,6 +46,8 @@ MAX_INDIRECT = 4096
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
+#: "<nH" for small n: reading a batch of ring slots without formatting a struct each time
+_U16S = [struct.Struct(f"<{n}H") for n in range(65)]
 _fence_lock = threading.Lock()
 
 
@@ -225,25 +228,75 @@ class SplitQueue:
 
     def pop(self) -> Chain | None:
         """The next available chain, or None. Raises ``QueueBroken``."""
+        got = self.pop_many(1)
+        return got[0] if got else None
+
+    def pop_many(self, limit: int) -> list[Chain]:
+        """Up to ``limit`` available chains in ring order, as ``pop`` returns them one
+        by one: the available index and the ring slots are read once, and a chain of
+        one direct descriptor (a receive buffer) skips the chain walk. A bad head
+        raises ``QueueBroken`` only when it is the first; otherwise the chains before
+        it are returned and the next call raises."""
         mem = self._mem()
         idx = mem.read_u16(self.avail_addr + 2)
-        pending = (idx - self.last_avail) & 0xFFFF
-        if pending == 0:
-            return None
-        if pending > self.size:
+        last = self.last_avail
+        pending = (idx - last) & 0xFFFF
+        if pending == 0 or limit <= 0:
+            return []
+        size = self.size
+        if pending > size:
             raise QueueBroken(f"queue {self.index}: available index {idx} is {pending} "
-                              f"ahead of {self.last_avail} with only {self.size} entries")
-        slot = self.last_avail % self.size
-        head = mem.read_u16(self.avail_addr + 4 + 2 * slot)
-        if head >= self.size:
-            raise QueueBroken(f"queue {self.index}: head index {head} out of range")
-        self.last_avail = (self.last_avail + 1) & 0xFFFF
-        chain = Chain(head)
-        chain.error = self._walk(mem, chain)
-        if chain.error is not None:
-            chain.readable.clear()
-            chain.writable.clear()
-        return chain
+                              f"ahead of {last} with only {size} entries")
+        n = pending if pending < limit else limit
+        # the rings were checked to lie in RAM when the queue was enabled
+        ring = mem.view(self.avail_addr + 4, 2 * size)
+        table = mem.view(self.desc_addr, DESC_SIZE * size)
+        slot = last % size
+        if slot + n <= size:
+            heads = _U16S[n].unpack_from(ring, 2 * slot) if n < len(_U16S) else (
+                struct.unpack_from(f"<{n}H", ring, 2 * slot))
+        else:
+            k = size - slot
+            heads = struct.unpack_from(f"<{k}H", ring, 2 * slot) + struct.unpack_from(
+                f"<{n - k}H", ring, 0)
+        spans: list[tuple[int, int]] | None = None
+        unpack = _DESC.unpack_from
+        out: list[Chain] = []
+        for head in heads:
+            if head >= size:
+                if out:
+                    break  # the next call raises, as pop would
+                raise QueueBroken(f"queue {self.index}: head index {head} out of range")
+            last = (last + 1) & 0xFFFF
+            addr, length, flags, _ = unpack(table, DESC_SIZE * head)
+            if flags & (DESC_F_NEXT | DESC_F_INDIRECT):
+                chain = Chain(head)
+                chain.error = self._walk(mem, chain)
+                if chain.error is not None:
+                    chain.readable.clear()
+                    chain.writable.clear()
+                out.append(chain)
+                continue
+            # one direct descriptor: the walk's checks, inline
+            if not length:
+                out.append(Chain(head))
+                continue
+            if spans is None:
+                spans = [(r.guest_addr, r.end) for r in mem.regions]
+            end = addr + length
+            for lo, hi in spans:
+                if lo <= addr and end <= hi:
+                    break
+            else:
+                out.append(Chain(head, [], [],
+                                 f"buffer {addr:#x}+{length:#x} is outside guest RAM"))
+                continue
+            if flags & DESC_F_WRITE:
+                out.append(Chain(head, [], [(addr, length)]))
+            else:
+                out.append(Chain(head, [(addr, length)], []))
+        self.last_avail = last
+        return out
 
     def _walk(self, mem: GuestMemory, chain: Chain) -> str | None:
         # one memoryview over the table (no copy); RAM bounds as plain tuples:
@@ -302,6 +355,22 @@ class SplitQueue:
         mem.view(self.used_addr + 4 + 8 * slot, 8)[:] = _USED_ELEM.pack(head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         mem.write_u16(self.used_addr + 2, self.used_idx)  # x86: ordered after the element
+
+    def push_many(self, done: Sequence[tuple[int, int]]) -> None:
+        """``push`` each (head, written) of ``done``, with one store of the used index
+        after all the elements (call with ``lock``)."""
+        if not done:
+            return
+        mem = self._mem()
+        size = self.size
+        ring = mem.view(self.used_addr + 4, 8 * size)  # checked when enabled
+        pack = _USED_ELEM.pack_into
+        idx = self.used_idx
+        for head, written in done:
+            pack(ring, 8 * (idx % size), head, written)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        mem.write_u16(self.used_addr + 2, idx)  # x86: ordered after the elements
 
     def needs_interrupt(self) -> bool:
         """After ``push``es: should the driver be interrupted? (call with ``lock``)"""
