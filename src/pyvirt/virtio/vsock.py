@@ -101,7 +101,9 @@ MIN_GUEST_CID, MAX_GUEST_CID = 3, 0xFFFF_FFFE
 BUF_ALLOC = 256 << 10
 #: the largest packet payload either way (Linux: VIRTIO_VSOCK_MAX_PKT_BUF_SIZE)
 MAX_PKT = 64 << 10
-MAX_CONNECTIONS = 1024
+#: live connections: with BUF_ALLOC each, what a guest that fills every one while the
+#: host programs read nothing can make us hold (64 MiB)
+MAX_CONNECTIONS = 256
 #: host clients accepted but not yet connected to the guest (CONNECT line or RESPONSE)
 MAX_HANDSHAKES = 64
 #: RST replies to packets that name no connection, waiting for rx buffers
