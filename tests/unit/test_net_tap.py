@@ -19,6 +19,7 @@ import pytest
 from pyvirt.net.backend import VNET_HDR_LEN, NetBackendError
 from pyvirt.net.errors import NetConfigError
 from pyvirt.net.tap import TapBackend, open_tap
+from tests import packets
 from tests.netns import NetNs, available
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
@@ -144,28 +145,6 @@ def test_created_tap_on_bridge_and_frames_through_it(ns: NetNs) -> None:
     assert "vm0" not in ns.run("ip link").stdout
 
 
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def _ipv4_tcp(src: str, dst: str, sport: int, dport: int, seq: int, ack: int, flags: int,
-              payload: bytes = b"", options: bytes = b"") -> bytes:
-    off = (20 + len(options)) // 4
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, off << 4, flags, 65535, 0, 0)
-    tcp += options + payload
-    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
-    tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0,
-                     socket.inet_aton(src), socket.inet_aton(dst))
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
-    return ip + tcp
-
-
 def _handshake(ns: NetNs, tap: TapBackend) -> tuple[socket.socket, bytes, int, int]:
     """Connect from the namespace to the "guest" behind the TAP, playing the guest's
     TCP by hand: (the namespace's socket, its MAC, its port, its next sequence number)."""
@@ -182,7 +161,7 @@ def _handshake(ns: NetNs, tap: TapBackend) -> tuple[socket.socket, bytes, int, i
     sport = struct.unpack("!H", ip[20:22])[0]
     seq = struct.unpack("!I", ip[24:28])[0]
     mss = struct.pack("!BBH", 2, 4, 1460) + struct.pack("!BBB", 3, 3, 7) + b"\x01"  # MSS, wscale
-    synack = _ipv4_tcp(GUEST_IP, HOST_IP, 5001, sport, 1000, seq + 1, 0x12, options=mss)
+    synack = packets.tcp(GUEST_IP, HOST_IP, 5001, sport, 1000, seq + 1, 0x12, options=mss)
     assert tap.send([memoryview(NO_HDR), memoryview(_eth(host_mac, GUEST_MAC, 0x0800, synack))])
     deadline = time.monotonic() + 5
     while True:
@@ -222,14 +201,14 @@ def test_gso_frame_from_the_guest_crosses_whole(ns: NetNs) -> None:
     try:
         c, host_mac, sport, ack = _handshake(ns, tap)
         payload = os.urandom(3000)
-        seg = bytearray(_ipv4_tcp(GUEST_IP, HOST_IP, 5001, sport, 1001, ack, 0x18,
+        seg = bytearray(packets.tcp(GUEST_IP, HOST_IP, 5001, sport, 1001, ack, 0x18,
                                   payload=payload))
         # as a guest leaves it for the device: only the pseudo-header's sum in the TCP
         # checksum (wrong as a full checksum: the frame is dropped unless the TAP
         # takes the header's NEEDS_CSUM)
         pseudo = (socket.inet_aton(GUEST_IP) + socket.inet_aton(HOST_IP)
                   + struct.pack("!BBH", 0, 6, len(seg) - 20))
-        seg[36:38] = struct.pack("!H", ~_csum(pseudo) & 0xFFFF)
+        seg[36:38] = struct.pack("!H", ~packets.csum(pseudo) & 0xFFFF)
         # NEEDS_CSUM, gso TCPV4, hdr_len 54, gso_size 1000, csum at 34 + 16
         hdr = struct.pack("<BBHHHHH", 1, VIRTIO_NET_HDR_GSO_TCPV4, 54, 1000, 34, 16, 0)
         assert tap.send([memoryview(hdr),

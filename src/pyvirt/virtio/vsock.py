@@ -985,10 +985,11 @@ def _parse_connect(line: bytes) -> int | None:
     return port if port <= _U32 else None
 
 
-def _buffers(transport: Transport, chain: Chain, skip: int, limit: int) -> list[memoryview]:
-    """Views of the chain's writable buffers from byte ``skip``, ``limit`` bytes long."""
+def _views(transport: Transport, bufs: Sequence[tuple[int, int]], skip: int,
+           limit: int) -> list[memoryview]:
+    """Views of ``bufs`` (guest address, length) from byte ``skip``, ``limit`` bytes long."""
     out = []
-    for addr, length in chain.writable:
+    for addr, length in bufs:
         if skip >= length:
             skip -= length
             continue
@@ -1001,18 +1002,11 @@ def _buffers(transport: Transport, chain: Chain, skip: int, limit: int) -> list[
     return out
 
 
+def _buffers(transport: Transport, chain: Chain, skip: int, limit: int) -> list[memoryview]:
+    """Views of the chain's writable buffers from byte ``skip``, ``limit`` bytes long."""
+    return _views(transport, chain.writable, skip, limit)
+
+
 def _payload(transport: Transport, chain: Chain, length: int) -> list[memoryview]:
     """Views of a tx packet's payload: ``length`` bytes after the header."""
-    out = []
-    skip = HDR.size
-    for addr, n in chain.readable:
-        if skip >= n:
-            skip -= n
-            continue
-        take = min(n - skip, length)
-        out.append(transport.memory.view(addr + skip, take))
-        length -= take
-        skip = 0
-        if not length:
-            break
-    return out
+    return _views(transport, chain.readable, HDR.size, length)

@@ -25,9 +25,10 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 from pyvirt.errors import UserInputError
 from pyvirt.hostfile import FileIdentity, describe_mode, identity
@@ -52,6 +53,7 @@ __all__ = [
     "parse_vsock",
 ]
 
+T = TypeVar("T")
 Accel = Literal["auto", "kvm", "emu"]
 OnReboot = Literal["restart", "exit"]
 #: pyvirt.sandbox: "auto" applies what the host supports, "on" all of it or fails
@@ -542,78 +544,68 @@ def _console(value: object) -> ConsoleSpec:
         raise exc.within("console") from None
 
 
-def _disks(value: object) -> tuple[DiskSpec, ...]:
+def _array(value: object, where: str, limit: int, noun: str,
+           build: Callable[[dict[str, Any]], T], keys: tuple[str, ...]) -> tuple[T, ...]:
+    """A JSON array of at most ``limit`` objects with ``keys``, each made by ``build``;
+    errors name ``where[i].field``."""
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise ConfigError(f"expected an array, not {_json_kind(value)}", "disks")
-    if len(value) > MAX_DISKS:
-        raise ConfigError(f"at most {MAX_DISKS} disks ({len(value)} given)", "disks")
-    disks = []
+        raise ConfigError(f"expected an array, not {_json_kind(value)}", where)
+    if len(value) > limit:
+        raise ConfigError(f"at most {limit} {noun} ({len(value)} given)", where)
+    out = []
     for i, item in enumerate(value):
-        where = f"disks[{i}]"
-        doc = _obj(item, where, _DISK_KEYS)
+        at = f"{where}[{i}]"
+        doc = _obj(item, at, keys)
         try:
-            serial = None if doc.get("serial") is None else _get(doc, "serial", str, None)
-            disks.append(DiskSpec(path=_path(doc, "path", required=True),  # type: ignore[arg-type]
-                                  readonly=_get(doc, "readonly", bool, False),
-                                  serial=serial,
-                                  cache=_get(doc, "cache", str, "writeback"),
-                                  discard=_get(doc, "discard", bool, False)))
+            out.append(build(doc))
         except ConfigError as exc:
-            raise exc.within(where) from None
-    return tuple(disks)
+            raise exc.within(at) from None
+    return tuple(out)
+
+
+def _disk(doc: dict[str, Any]) -> DiskSpec:
+    serial = None if doc.get("serial") is None else _get(doc, "serial", str, None)
+    return DiskSpec(path=_path(doc, "path", required=True),  # type: ignore[arg-type]
+                    readonly=_get(doc, "readonly", bool, False),
+                    serial=serial,
+                    cache=_get(doc, "cache", str, "writeback"),
+                    discard=_get(doc, "discard", bool, False))
+
+
+def _disks(value: object) -> tuple[DiskSpec, ...]:
+    return _array(value, "disks", MAX_DISKS, "disks", _disk, _DISK_KEYS)
 
 
 def _opt_str(doc: dict[str, Any], key: str) -> str | None:
     return None if doc.get(key) is None else _get(doc, key, str, None)  # type: ignore[no-any-return]
 
 
+def _nic(doc: dict[str, Any]) -> NicSpec:
+    kind = _get(doc, "kind", str, None)
+    if kind is None:
+        raise ConfigError("required", "kind")
+    return NicSpec(kind=kind, mac=_opt_str(doc, "mac"), tap=_opt_str(doc, "tap"),
+                   bridge=_opt_str(doc, "bridge"), hostfwd=_forwards(doc.get("hostfwd")))
+
+
 def _nics(value: object) -> tuple[NicSpec, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise ConfigError(f"expected an array, not {_json_kind(value)}", "nics")
-    if len(value) > MAX_NICS:
-        raise ConfigError(f"at most {MAX_NICS} NICs ({len(value)} given)", "nics")
-    nics = []
-    for i, item in enumerate(value):
-        where = f"nics[{i}]"
-        doc = _obj(item, where, _NIC_KEYS)
-        try:
-            kind = _get(doc, "kind", str, None)
-            if kind is None:
-                raise ConfigError("required", "kind")
-            nics.append(NicSpec(kind=kind, mac=_opt_str(doc, "mac"), tap=_opt_str(doc, "tap"),
-                                bridge=_opt_str(doc, "bridge"),
-                                hostfwd=_forwards(doc.get("hostfwd"))))
-        except ConfigError as exc:
-            raise exc.within(where) from None
-    return tuple(nics)
+    return _array(value, "nics", MAX_NICS, "NICs", _nic, _NIC_KEYS)
+
+
+def _forward(doc: dict[str, Any]) -> PortForward:
+    for key in ("proto", "host_port", "guest_port"):
+        if key not in doc:
+            raise ConfigError("required", key)
+    return PortForward(proto=_get(doc, "proto", str, "tcp"),
+                       host_port=_get(doc, "host_port", int, 0),
+                       guest_port=_get(doc, "guest_port", int, 0),
+                       host_addr=_get(doc, "host_addr", str, ""))
 
 
 def _forwards(value: object) -> tuple[PortForward, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise ConfigError(f"expected an array, not {_json_kind(value)}", "hostfwd")
-    if len(value) > MAX_FORWARDS:
-        raise ConfigError(f"at most {MAX_FORWARDS} port forwards", "hostfwd")
-    out = []
-    for i, item in enumerate(value):
-        where = f"hostfwd[{i}]"
-        doc = _obj(item, where, _FORWARD_KEYS)
-        try:
-            for key in ("proto", "host_port", "guest_port"):
-                if key not in doc:
-                    raise ConfigError("required", key)
-            out.append(PortForward(proto=_get(doc, "proto", str, "tcp"),
-                                   host_port=_get(doc, "host_port", int, 0),
-                                   guest_port=_get(doc, "guest_port", int, 0),
-                                   host_addr=_get(doc, "host_addr", str, "")))
-        except ConfigError as exc:
-            raise exc.within(where) from None
-    return tuple(out)
+    return _array(value, "hostfwd", MAX_FORWARDS, "port forwards", _forward, _FORWARD_KEYS)
 
 
 def _vsock(value: object) -> VsockSpec | None:
