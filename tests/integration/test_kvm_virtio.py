@@ -140,7 +140,7 @@ def test_virtio_blk_kicks_and_interrupts_stay_in_the_kernel(test_guest: Path,
     r = subprocess.run(
         [sys.executable, "-c", _INSTRUMENTED, "run", "--accel", "kvm", "--kernel",
          str(test_guest), "--memory", "128M", "--cmdline", "test=virtio-blk", "--no-rng",
-         "--disk", f"path={img}"],
+         "--net", "none", "--disk", f"path={img}"],
         capture_output=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, (r.stdout, r.stderr)
     check_common(r.stdout, before)
