@@ -427,16 +427,6 @@ def pyvirt_cmd(kernel: Path, initrd: Path, rootfs: Path, net: str, guest_args: s
     ]  # fmt: skip
 
 
-def pyvirt_has_net() -> bool:
-    """Whether this pyvirt's ``run`` takes ``--net`` and ``--vsock``."""
-    try:
-        out = subprocess.run([str(ROOT / ".venv/bin/pyvirt"), "run", "--help"],
-                             capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return "--net" in out and "--vsock" in out
-
-
 @contextlib.contextmanager
 def passt_socket(tmp: Path) -> Iterator[Path]:
     """A passt in the namespace on a Unix socket (one client), for QEMU's stream netdev."""
@@ -538,9 +528,6 @@ def run(runs: int, secs: int = RUN_S, *, paths: Sequence[str] = PATHS,
         print(f"net: the rootfs image {rootfs} has no iperf3 (rebuild it: python -m "
               "pyvirt.guest.rootfs): not measured")
         return []
-    with_pyvirt = pyvirt_has_net()
-    if not with_pyvirt:
-        print("net: pyvirt run has no --net/--vsock yet: QEMU side only")
     profile = os.environ.get("NET_BENCH_PROFILE")
     tap_args = f"{GUEST_ARGS} pyvirt.ip={GUEST_IP}/{PREFIX}"
     logs = os.environ.get("NET_BENCH_LOGS")
@@ -578,7 +565,7 @@ def run(runs: int, secs: int = RUN_S, *, paths: Sequence[str] = PATHS,
 
         # (side, a callable measuring one VM of run i)
         sides: list[tuple[str, Callable[[int], dict[str, float]]]] = []
-        if with_pyvirt and want_tap:
+        if want_tap:
             sides.append(("pyvirt-tap", lambda i: tap_run(
                 pyvirt("pyvirt-tap", i, pyvirt_cmd(
                     g.kernel, g.initrd, rootfs, f"tap={TAP}", tap_args,
@@ -589,7 +576,7 @@ def run(runs: int, secs: int = RUN_S, *, paths: Sequence[str] = PATHS,
                 qemu_cmd(g.kernel, g.initrd, rootfs,
                          f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off", tap_args),
                 secs, None, log("qemu-tap", i), tap_ways)))
-        if with_pyvirt and "user" in paths:
+        if "user" in paths:
             sides.append(("pyvirt-user", lambda i: user_run(
                 pyvirt("pyvirt-user", i, pyvirt_cmd(
                     g.kernel, g.initrd, rootfs,
