@@ -1,6 +1,6 @@
 """``make bench``: pyvirt side by side with C and QEMU; prints medians and ratios.
 
-    python -m bench [--runs N] [--only kvm,emu,blk,life,net]
+    python -m bench [--runs N] [--only kvm,emu,blk,life,net] [--images raw,qcow2-fresh,...]
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="runs per side (alternating)")
     ap.add_argument("--only", default="kvm,emu,blk,life,net",
                     help="comma-separated: kvm, emu, blk, life, net")
+    ap.add_argument("--images", default="raw,qcow2-fresh,qcow2-allocated,qcow2-chain",
+                    help="blk: the scratch disks' kinds, comma-separated: raw, qcow2-fresh, "
+                         "qcow2-allocated, qcow2-chain")
     args = ap.parse_args()
     which = set(args.only.split(","))
     print(f"pyvirt benchmarks on {platform.node()} ({platform.machine()}, "
@@ -31,8 +34,13 @@ def main() -> None:
     if "blk" in which:
         from bench import blk_bench
 
-        print_rows("virtio-blk, fio in the Debian rootfs guest, software CPU",
-                   blk_bench.run(args.runs))
+        images = args.images.split(",")
+        if unknown := [k for k in images if k not in blk_bench.IMAGES]:
+            ap.error(f"--images: unknown kind {unknown[0]!r} "
+                     f"(known: {', '.join(blk_bench.IMAGES)})")
+        for kind, rows in blk_bench.run(args.runs, images):
+            print_rows(f"virtio-blk, fio in the Debian rootfs guest, software CPU, {kind} disk",
+                       rows)
     if "life" in which:
         from bench import lifecycle_bench
 

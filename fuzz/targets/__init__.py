@@ -20,4 +20,5 @@ TARGETS = (
     "loader_initrd",
     "config",
     "saved_state",
+    "qcow2",
 )

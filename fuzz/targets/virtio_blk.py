@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from fuzz.common import Provider, VirtioHarness, check
-from pyvirt.virtio.blk import BlockDevice, DiskImage
+from pyvirt.disk import open_disk
+from pyvirt.virtio.blk import BlockDevice
 
 IMAGE_SIZE = 64 << 10
 _dir = tempfile.TemporaryDirectory(prefix="pyvirt-fuzz-blk-")
@@ -25,7 +26,7 @@ _images: list[tuple[Path, VirtioHarness, bool]] = []
 for _ro in (False, True):
     _path = Path(_dir.name) / f"disk-{'ro' if _ro else 'rw'}.img"
     _path.write_bytes(bytes(IMAGE_SIZE))
-    _img = DiskImage.open(_path, readonly=_ro, direct=False)
+    _img = open_disk(_path, readonly=_ro, direct=False, format="raw")
     _images.append((_path, VirtioHarness(BlockDevice(_img, serial="fuzz", discard=not _ro,
                                                      workers=2)), _ro))
 _ro_stat = os.stat(_images[1][0])

@@ -242,7 +242,7 @@ def test_print_config_is_the_document_config_takes(tmp_cwd: Path) -> None:
     doc = json.loads(r.stdout)
     assert doc["memory"] == 1 << 30 and doc["console"] == {"kind": "file", "path": "out.log"}
     assert doc["disks"] == [{"path": "a.img", "readonly": True, "serial": "S1",
-                             "cache": "writeback", "discard": False}]
+                             "cache": "writeback", "discard": False, "format": None}]
     cfg = VmConfig.from_json(r.stdout)
     assert cfg.on_reboot == "exit" and str(cfg.kernel) == "k"
     (tmp_cwd / "vm.json").write_bytes(r.stdout)

@@ -23,7 +23,7 @@ from pyvirt.guest import READY_LINE, GuestImage
 from pyvirt.sandbox import PROBE_ENV, landlock, seccomp
 from tests.conftest import pyvirt_cmd, run_pyvirt
 from tests.integration.test_emu_boot import EmuVm, image, vm_factory
-from tests.integration.test_kvm_virtio import check_common, make_image
+from tests.integration.test_kvm_virtio import SECTOR, check_common, make_image
 
 __all__ = ["image", "vm_factory"]  # fixtures re-exported for pytest
 
@@ -126,6 +126,45 @@ def test_kvm_guest_disk_and_resets_under_the_sandbox(test_guest: Path, tmp_path:
     assert log.read_bytes().count(b"boot") >= 3, (log.read_bytes()[-500:], err)
     assert p.returncode == 0, err
     assert b"terminating on SIGTERM" in err
+
+
+@pytest.mark.kvm
+def test_kvm_guest_on_a_qcow2_chain_under_the_sandbox(test_guest: Path, tmp_path: Path) -> None:
+    """qcow2 at run time under seccomp and Landlock: the guest reads through an
+    overlay into a zstd-compressed qcow2 base (the codec imported lazily, after
+    the sandbox), writes (cluster allocation, COW, refcounts), flushes; the VMM
+    survives, the overlay passes ``qemu-img check`` and holds what a raw disk holds."""
+    import shutil
+
+    from tests.integration.test_kvm_virtio import PATTERN
+
+    qemu_img = shutil.which("qemu-img")
+    assert qemu_img is not None, "qemu-img (the referee) is needed"
+    src = tmp_path / "src.raw"
+    before = make_image(src)
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run([qemu_img, "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+                    "compression_type=zstd", str(src), str(base)], check=True)
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                    str(top)], check=True)
+    r = run_pyvirt("run", "--accel", "kvm", "--kernel", str(test_guest), "--memory", "128M",
+                   "--cmdline", "test=virtio-blk", "--disk", f"path={top},format=qcow2,serial=q",
+                   "--sandbox", "on", "--verbose", timeout=120)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert applied_line().encode() in r.stderr, r.stderr
+    m = check_common(r.stdout, before)
+    assert m.group(3) == b"wrote+read 8 sectors ok"
+    check = subprocess.run([qemu_img, "check", "-f", "qcow2", str(top)], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    out = tmp_path / "out.raw"
+    subprocess.run([qemu_img, "convert", "-f", "qcow2", "-O", "raw", str(top), str(out)],
+                   check=True)
+    want = bytearray(before)
+    want[16 * SECTOR:24 * SECTOR] = PATTERN  # what the guest writes (guest.c)
+    assert out.read_bytes() == bytes(want)
+    subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "qcow2", str(src), str(base)],
+                   check=True)  # the base untouched
 
 
 @pytest.mark.guest

@@ -151,10 +151,27 @@ def test_disk_spec_parser_names_the_flag() -> None:
                          ("path=a,cache=fast", "cache='fast' must be none or writeback"),
                          ("path=a,frob=1", "unknown option 'frob'"),
                          ("readonly=on", "path=FILE is required"),
-                         ("path=a\0b", "the path contains a NUL byte")]:
+                         ("path=a\0b", "the path contains a NUL byte"),
+                         ("path=a,format=vmdk", "format='vmdk' must be raw or qcow2")]:
         with pytest.raises(ConfigError, match=f"^--disk {re.escape(spec)}: ") as ei:
             parse_disk(spec)
         assert needle in str(ei.value)
+
+
+def test_disk_format() -> None:
+    """format= on the command line and in a JSON config; unset means probed."""
+    assert parse_disk("path=a").format is None
+    assert parse_disk("path=a,format=qcow2").format == "qcow2"
+    assert parse_disk("a,format=raw").to_dict()["format"] == "raw"
+    doc = {"kernel": "/k", "disks": [{"path": "/a"}, {"path": "/b", "format": "qcow2"}]}
+    cfg = VmConfig.from_dict(doc)
+    assert [d.format for d in cfg.disks] == [None, "qcow2"]
+    assert VmConfig.from_dict(cfg.to_dict()) == cfg
+    for bad, why in [("qcow3", "expected raw or qcow2"), (2, "expected a string")]:
+        doc["disks"][1]["format"] = bad  # type: ignore[index]
+        with pytest.raises(ConfigError, match=r"^disks\[1\]\.format: ") as ei:
+            VmConfig.from_dict(doc)
+        assert why in str(ei.value)
 
 
 def test_console_escape_sequences() -> None:

@@ -109,7 +109,7 @@ def test_document_shape() -> None:
                        "on_reboot", "verbose", "disks", "rng", "sandbox", "name", "nics", "vsock"]
     assert d["memory"] == 64 << 20 and d["console"] == {"kind": "file", "path": "/log"}
     assert d["disks"] == [{"path": "/a", "readonly": True, "serial": "s1", "cache": "none",
-                           "discard": True}]
+                           "discard": True, "format": None}]
     assert VmConfig.from_json(cfg.to_json()) == cfg
     assert VmConfig.from_dict(json.loads(json.dumps(d))) == cfg
 

@@ -82,11 +82,12 @@ def test_distinct_bad_disk_requests_warn_a_bounded_number_of_times(
     import struct
     from pathlib import Path
 
-    from pyvirt.virtio.blk import BlockDevice, DiskImage
+    from pyvirt.disk import open_disk
+    from pyvirt.virtio.blk import BlockDevice
 
     path = Path(str(tmp_path)) / "d.img"
     path.write_bytes(bytes(64 * 512))
-    image = DiskImage.open(path, readonly=False, direct=False)
+    image = open_disk(path, readonly=False, direct=False)
     d = VirtioPciDriver(BlockDevice(image, workers=2, name="virtio-blk-budget"))
     try:
         (q,) = d.init()

@@ -22,9 +22,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pyvirt.disk import open_disk
+from pyvirt.disk.raw import RawDisk
 from pyvirt.state import StateError, decode, encode
 from pyvirt.virtio import STATUS_DRIVER_OK
-from pyvirt.virtio.blk import S_OK, T_IN, T_OUT, BlockDevice, BlockState, DiskImage
+from pyvirt.virtio.blk import S_OK, T_IN, T_OUT, BlockDevice, BlockState
 from pyvirt.virtio.console import ConsoleDevice, ConsoleState
 from pyvirt.virtio.pci import VirtioPciDevice, VirtioPciState
 from pyvirt.virtio.rng import RngDevice
@@ -51,7 +53,8 @@ class Disk:
         self.data = bytearray(random.Random(7).randbytes(SECTORS * 512))
         self.path = tmp_path / "disk.img"
         self.path.write_bytes(self.data)
-        self.image = DiskImage.open(self.path, readonly=False, direct=False)
+        self.image = open_disk(self.path, readonly=False, direct=False)
+        assert isinstance(self.image, RawDisk)
         self.drv = VirtioPciDriver(BlockDevice(self.image, name="virtio-blk-vda", workers=4))
         (self.q,) = self.drv.init(msix=True)
         self.others: list[VirtioPciDriver] = []

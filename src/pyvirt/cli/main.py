@@ -46,7 +46,8 @@ class _LazyGroup(click.Group):
     """Subcommands in other modules (``ctl``) are imported only when used, so
     ``pyvirt run`` pays nothing for them at start-up."""
 
-    _lazy = {"ctl": ("pyvirt.cli.ctl", "ctl")}
+    _lazy = {"ctl": ("pyvirt.cli.ctl", "ctl"),
+             "img": ("pyvirt.cli.img", "img")}  # disk images: qemu-img's verbs
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self._lazy])
@@ -94,7 +95,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
                    "or file:PATH.")
 @click.option("--disk", "disks", multiple=True, metavar="SPEC",
               help="A virtio-blk disk (repeatable; vda, vdb, ... in order): "
-                   "path=FILE[,readonly=on][,serial=ID][,cache=none|writeback][,discard=on].")
+                   "path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]"
+                   "[,cache=none|writeback][,discard=on]. A writable image with a qcow2 "
+                   "header needs format=qcow2.")
 @click.option("--net", "nets", multiple=True, metavar="SPEC",
               help="A virtio-net NIC (repeatable; eth0, eth1, ... in order): user[,mac=MAC]"
                    "[,hostfwd=tcp::HOSTPORT-:GUESTPORT]... (user-mode networking through passt, "

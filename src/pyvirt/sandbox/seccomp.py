@@ -48,8 +48,8 @@ MEASURED: tuple[str, ...] = (
 
 #: Needed on paths the traced runs did not take.
 PATHS_NOT_TRACED: dict[str, str] = {
-    "fallocate": "virtio-blk discard / write-zeroes with unmap",
-    "pwrite64": "virtio-blk write-zeroes without fallocate support",
+    "fallocate": "virtio-blk discard / write-zeroes with unmap (raw images)",
+    "pwrite64": "qcow2 metadata updates; raw write-zeroes without fallocate support",
     "fsync": "flushing a file the VMM writes (console file)",
     "restart_syscall": "a sleep or futex wait interrupted by SIGINT/SIGTERM resumes through it",
     "sigaltstack": "CPython's faulthandler and signal set-up on new threads",

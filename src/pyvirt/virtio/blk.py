@@ -1,55 +1,43 @@
-"""virtio-blk (virtio 1.2, 5.2) backed by a raw image file or block device.
+"""virtio-blk (virtio 1.2, 5.2) over a disk backend (``pyvirt.disk``).
+
+The device holds a ``DiskBackend`` (raw file or block device, qcow2 with its
+backing chain) and never touches a file itself: reads, writes, flushes,
+discards and write-zeroes go through the backend, which the VM's resources
+open (``open_disk``: format, locks, O_DIRECT) and close.
 
 Requests run on a pool of worker threads (started on demand, up to 32 per
-disk, ending after 10 s idle) so that several are in
-flight; each moves its data with one ``preadv``/``pwritev`` straight between
-the file and views of guest RAM (no copy), and the GIL is released inside the
-system call. ``cache=none`` opens the image with ``O_DIRECT`` (falling back to
-an aligned bounce buffer for the odd unaligned request); both modes present a
-write-back cache to the guest, whose FLUSH becomes ``fdatasync``.
-
-Images are locked with open-file-description locks (F_OFD_SETLK, as QEMU
-does): a writable disk takes an exclusive lock, a read-only one a shared lock,
-so a second VM cannot open an image that another one writes (or write one
-that another reads); the error names the process holding it. The lock lives
-as long as the image's fd (the VM, across guest reboots), whatever else in the
-process opens and closes the same file. Paths that would block in ``open()``
-(FIFOs) are refused, see ``pyvirt.hostfile``.
+disk, ending after 10 s idle) so that several are in flight; the backends
+move data straight between the image and views of guest RAM, releasing the
+GIL in their system calls. Both cache modes present a write-back cache to the
+guest, whose FLUSH becomes ``disk.flush()``. A lone small read may be served on
+the event loop thread when the page cache holds it (``read_cached``).
 
 Everything in a request is checked: a header shorter than 16 bytes, no room
 for the status byte, data not a whole number of sectors, a range beyond the
 capacity, a write to a read-only disk, too many discard segments — each fails
 that request (``VIRTIO_BLK_S_IOERR``/``UNSUPP``); host I/O errors become
-``IOERR``, are logged, and never stop the VM.
+``IOERR``, are logged, and never stop the VM; so does damage a backend finds
+in its image metadata (``CorruptImage``, logged once).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
-import mmap
-import os
 import queue
-import stat
 import struct
 import threading
-import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 from pyvirt.devices.guestlog import guest_faults
-from pyvirt.errors import UserInputError
-from pyvirt.hostfile import FileIdentity, identity, open_host_file
+from pyvirt.disk.backend import CorruptImage, DiskBackend
 from pyvirt.memory import GuestMemory
 from pyvirt.state import StateError
 from pyvirt.virtio import DEVICE_ID_BLOCK
 from pyvirt.virtio.device import Transport, VirtioDevice
 from pyvirt.virtio.queue import Chain, SplitQueue
 
-__all__ = ["BlockDevice", "BlockState", "DiskError", "DiskImage"]
+__all__ = ["BlockDevice", "BlockState"]
 
 log = logging.getLogger(__name__)
 
@@ -84,160 +72,6 @@ ID_BYTES = 20
 
 _HEADER = struct.Struct("<IIQ")
 _SEGMENT = struct.Struct("<QII")
-_FLOCK = struct.Struct("@hhqqi4x")  # struct flock on x86-64 Linux
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-
-class DiskError(UserInputError):
-    """A disk image that cannot be used (missing, locked, unreadable)."""
-
-
-def _lock(fd: int, readonly: bool) -> bool:
-    """Take the image lock on ``fd``; False when a conflicting lock is held.
-
-    An open-file-description lock (F_OFD_SETLK) belongs to this open of the
-    file and lives until its last fd is closed; a POSIX record lock would die
-    with any ``close()`` of the same file anywhere in the process (e.g. the
-    loader reading it as an initrd). Record locks only where OFD locks are
-    missing (Linux < 3.15).
-    """
-    arg = _FLOCK.pack(fcntl.F_RDLCK if readonly else fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-    try:
-        try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            fcntl.fcntl(fd, fcntl.F_SETLK, arg)
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
-
-
-def _holder(fd: int, st: os.stat_result, readonly: bool) -> str:
-    """Who holds a lock conflicting with ours on ``fd`` (best effort, never blocks for long).
-
-    F_OFD_GETLK names the pid only for a record lock; an OFD lock (QEMU's,
-    another pyvirt's) reports -1, as /proc/locks does. Then look for the
-    process with an fd on the same file whose fdinfo shows a lock, for at most
-    half a second.
-    """
-    arg = _FLOCK.pack(fcntl.F_RDLCK if readonly else fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-    pid = 0
-    try:
-        l_type, _, _, _, pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, arg))
-        if l_type == fcntl.F_UNLCK:
-            pid = 0
-    except OSError:
-        pass
-    if pid <= 0:
-        pid = _find_lock_owner(identity(st), deadline=time.monotonic() + 0.5)
-    if pid <= 0:
-        return "another process"
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace").strip()
-    except OSError:
-        cmd = ""
-    return f"process {pid}" + (f" ({cmd[:80]})" if cmd else "")
-
-
-def _find_lock_owner(ident: tuple[str, int, int], deadline: float) -> int:
-    try:
-        pids = [e for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return 0
-    for pid in pids:
-        if time.monotonic() > deadline:
-            break
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue  # gone, or another user's
-        for n in fds:
-            try:
-                if not os.readlink(f"/proc/{pid}/fd/{n}").startswith("/"):
-                    continue  # pipes, sockets, anonymous inodes
-                if identity(os.stat(f"/proc/{pid}/fd/{n}")) != ident:
-                    continue
-                with open(f"/proc/{pid}/fdinfo/{n}", encoding="ascii", errors="replace") as f:
-                    if any(line.startswith("lock:") for line in f):
-                        return int(pid)
-            except OSError:
-                continue
-    return 0
-
-
-@dataclass
-class DiskImage:
-    """An open, locked disk image. Whoever opens it closes it (the VM's
-    resources, not the device: the image outlives guest reboots)."""
-
-    path: Path
-    fd: int
-    size: int  # bytes, a multiple of the sector size
-    readonly: bool
-    direct: bool
-    block_device: bool
-    identity: FileIdentity = ("file", 0, 0)
-
-    @classmethod
-    def open(cls, path: Path, *, readonly: bool, direct: bool, what: str = "disk",
-             others: Mapping[FileIdentity, str] | None = None) -> DiskImage:
-        """Open and lock ``path``; errors name ``what`` (e.g. ``disks[1].path``).
-
-        ``others``: the images already open for this VM, by identity, each with
-        its name; the same file again (another name, a hard link) is refused
-        before locking, where it would only conflict with ourselves.
-        """
-        flags = os.O_RDONLY if readonly else os.O_RDWR
-        fd, st = open_host_file(path, flags, what=what, allow_block=True, error=DiskError)
-        try:
-            ident = identity(st)
-            if others and ident in others:
-                raise DiskError(f"{what}: {path} is the same file as {others[ident]}")
-            if direct:
-                try:  # O_DIRECT set on the fd: open() itself stays non-blocking
-                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise DiskError(f"{what}: {path}: {exc.strerror}") from None
-                    raise DiskError(f"{what}: {path}: cache=none needs O_DIRECT, which this "
-                                    "file system does not support (use cache=writeback)") from None
-            try:
-                locked = _lock(fd, readonly)
-            except OSError as exc:
-                raise DiskError(f"{what}: {path}: cannot lock: {exc.strerror}") from None
-            if not locked:
-                how = "read-only" if readonly else "read-write"
-                raise DiskError(f"{what}: {path}: cannot open {how}: the image is in use by "
-                                f"{_holder(fd, st, readonly)}")
-            block = stat.S_ISBLK(st.st_mode)
-            size = os.lseek(fd, 0, os.SEEK_END) if block else st.st_size
-            if size < SECTOR:
-                raise DiskError(f"{what}: {path}: image is smaller than one 512-byte sector")
-            if size % SECTOR:
-                log.warning("%s: size is not a multiple of 512; the last %d bytes are unused",
-                            path, size % SECTOR)
-            return cls(path, fd, size - size % SECTOR, readonly, direct, block, ident)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)  # the last fd of this open file description: the lock goes
-            self.fd = -1
-
-    def __enter__(self) -> DiskImage:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass
@@ -269,16 +103,16 @@ class BlockDevice(VirtioDevice):
     name = "virtio-blk"
     pci_class = 0x010000  # mass storage, SCSI (as QEMU presents virtio-blk)
 
-    def __init__(self, image: DiskImage, *, serial: str | None = None, discard: bool = False,
+    def __init__(self, disk: DiskBackend, *, serial: str | None = None, discard: bool = False,
                  name: str = "virtio-blk", workers: int = WORKERS) -> None:
         super().__init__([QUEUE_SIZE])
-        self.image = image
+        self.disk = disk  # the VM's (its resources close it): it outlives guest reboots
         self.name = name
         self.serial = (serial or "").encode("ascii")[:ID_BYTES]
-        self.discard = discard and not image.readonly
+        self.discard = discard and not disk.readonly
         self.features = (1 << F_SEG_MAX | 1 << F_BLK_SIZE | 1 << F_FLUSH | 1 << F_TOPOLOGY
                          | 1 << F_CONFIG_WCE)
-        if image.readonly:
+        if disk.readonly:
             self.features |= 1 << F_RO
         else:
             self.features |= 1 << F_WRITE_ZEROES
@@ -303,13 +137,14 @@ class BlockDevice(VirtioDevice):
         self.bytes_read = 0
         self.bytes_written = 0
         self._logged: set[str] = set()
+        self._corrupt_logged = False
         #: completed requests by type, for tests and statistics
         self.stats: dict[str, int] = {"read": 0, "write": 0, "flush": 0, "other": 0, "failed": 0}
 
     # ---- configuration space (5.2.4)
 
     def config_space(self) -> bytes:
-        capacity = self.image.size // SECTOR
+        capacity = self.disk.size // SECTOR
         return struct.pack(
             "<QIIHBBIBBHIBBHIIIIIB3x",
             capacity, 0, SEG_MAX,
@@ -319,10 +154,16 @@ class BlockDevice(VirtioDevice):
             self.writeback, 0, 1,             # writeback, unused0, num_queues
             MAX_DISCARD_SECTORS if self.discard else 0,
             MAX_DISCARD_SEG if self.discard else 0,
-            1 if self.discard else 0,         # discard_sector_alignment
-            MAX_DISCARD_SECTORS if not self.image.readonly else 0,
-            MAX_DISCARD_SEG if not self.image.readonly else 0,
+            self._discard_alignment(),        # discard_sector_alignment (sectors)
+            MAX_DISCARD_SECTORS if not self.disk.readonly else 0,
+            MAX_DISCARD_SEG if not self.disk.readonly else 0,
             1 if self.discard else 0)         # write_zeroes_may_unmap
+
+    def _discard_alignment(self) -> int:
+        if not self.discard:
+            return 0
+        # the backend's granularity (a qcow2 cluster): smaller discards may do nothing
+        return max(1, min(self.disk.discard_granularity // SECTOR, 0xFFFF_FFFF))
 
     def write_config(self, offset: int, data: bytes) -> None:
         if offset == 32 and len(data) == 1 and self.driver_features >> F_CONFIG_WCE & 1:
@@ -353,7 +194,12 @@ class BlockDevice(VirtioDevice):
         if busy:  # pause_io drains them; a host I/O stall can outlast its wait
             raise StateError(f"{self.name}: {busy} requests still in flight; the state "
                              "cannot be saved (host I/O stalled?)")
-        return BlockState(self.STATE_VERSION, self.image.size, self.writeback)
+        try:  # the saved state promises the guest its completed writes
+            self.disk.flush()
+        except OSError as exc:
+            raise StateError(f"{self.name}: flushing {self.disk.path} failed: "
+                             f"{exc.strerror or exc}") from None
+        return BlockState(self.STATE_VERSION, self.disk.size, self.writeback)
 
     def check_state(self, state: BlockState) -> None:
         from pyvirt.devices.statecheck import check_int
@@ -361,9 +207,9 @@ class BlockDevice(VirtioDevice):
         super().check_state(state)
         check_int(self.name, "disk_size", state.disk_size, 0, (1 << 63) - 1)
         check_int(self.name, "writeback", state.writeback, 0, 1)
-        if state.disk_size != self.image.size:
-            raise StateError(f"{self.name}: size changed: {self.image.path} has "
-                             f"{self.image.size} bytes, the saved state {state.disk_size}")
+        if state.disk_size != self.disk.size:
+            raise StateError(f"{self.name}: size changed: {self.disk.path} has "
+                             f"{self.disk.size} bytes, the saved state {state.disk_size}")
 
     def restore_state(self, state: BlockState) -> None:
         self.check_state(state)
@@ -383,7 +229,7 @@ class BlockDevice(VirtioDevice):
         for t in threads:
             if t.is_alive():
                 t.join(5)
-        # the image is not ours to close: it belongs to the VM and outlives this device
+        # the disk is not ours to close: it belongs to the VM and outlives this device
 
     # ---- the event loop thread: parse, then hand over to a worker
 
@@ -514,18 +360,18 @@ class BlockDevice(VirtioDevice):
     def _run_cached(self, req: _Request) -> bool:
         """Serve a small, valid read from the page cache without blocking; False
         (nothing completed) when it is not all cached or not such a read."""
-        img, length = self.image, req.length
+        disk, length = self.disk, req.length
         offset = req.sector * SECTOR
-        if (req.type != T_IN or img.direct or not 0 < length <= self.inline_max
-                or length % SECTOR or req.sector >= 1 << 55 or offset + length > img.size
+        if (req.type != T_IN or disk.direct or not 0 < length <= self.inline_max
+                or length % SECTOR or req.sector >= 1 << 55 or offset + length > disk.size
                 or self.mem is None or self.transport is None):
             return False
         assert req.data is not None
         try:
             views = [self.mem.view(a, n) for a, n in req.data]
-            if os.preadv(img.fd, views, offset, os.RWF_NOWAIT) != length:
-                return False  # partly cached: a worker reads it all again
-        except OSError:  # EAGAIN: not cached; anything else the worker reports
+            if not disk.read_cached(views, offset):
+                return False  # not all cached: a worker reads it all again
+        except Exception:  # a failure here is the worker's to report
             return False
         for a, n in req.data:
             self.transport.note_dma_write(a, n)
@@ -566,16 +412,16 @@ class BlockDevice(VirtioDevice):
     def _execute(self, req: _Request) -> tuple[int, int]:
         assert req.data is not None
         length = req.length
-        img = self.image
+        disk = self.disk
         if req.type in (T_IN, T_OUT):
             if length % SECTOR:
                 self._note(f"data length {length} is not a multiple of 512")
                 return S_IOERR, 0
             offset = req.sector * SECTOR
-            if req.sector >= 1 << 55 or offset + length > img.size:
+            if req.sector >= 1 << 55 or offset + length > disk.size:
                 self._note(f"sectors {req.sector}+{length // SECTOR} beyond the capacity")
                 return S_IOERR, 0
-            if req.type == T_OUT and img.readonly:
+            if req.type == T_OUT and disk.readonly:
                 self._note("write to a read-only disk")
                 return S_IOERR, 0
             try:
@@ -586,19 +432,18 @@ class BlockDevice(VirtioDevice):
                     return S_OK, length
                 self._rw(req.data, offset, write=True)
                 if not self.writeback:
-                    os.fdatasync(img.fd)
+                    disk.flush()
                 self.stats["write"] += 1
                 self.bytes_written += length
                 return S_OK, 0
             except OSError as exc:
-                self._note(f"host I/O error at byte {offset}: {exc.strerror}", host=True)
+                self._host_error(f"host I/O error at byte {offset}", exc)
                 return S_IOERR, 0
         if req.type == T_FLUSH:
             try:
-                if not img.readonly:
-                    os.fdatasync(img.fd)
+                disk.flush()
             except OSError as exc:
-                self._note(f"flush failed: {exc.strerror}", host=True)
+                self._host_error("flush failed", exc)
                 return S_IOERR, 0
             self.stats["flush"] += 1
             return S_OK, 0
@@ -614,7 +459,7 @@ class BlockDevice(VirtioDevice):
 
     def _discard(self, req: _Request, length: int) -> tuple[int, int]:
         assert req.data is not None and self.mem is not None
-        allowed = self.discard if req.type == T_DISCARD else not self.image.readonly
+        allowed = self.discard if req.type == T_DISCARD else not self.disk.readonly
         if not allowed:
             return S_UNSUPP, 0
         if length == 0 or length % _SEGMENT.size or length // _SEGMENT.size > MAX_DISCARD_SEG:
@@ -625,100 +470,35 @@ class BlockDevice(VirtioDevice):
         for sector, count, flags in segs:  # check them all before changing anything
             if flags & ~1 or (req.type == T_DISCARD and flags):
                 return S_UNSUPP, 0
-            if sector >= 1 << 55 or (sector + count) * SECTOR > self.image.size:
+            if sector >= 1 << 55 or (sector + count) * SECTOR > self.disk.size:
                 self._note("discard/write-zeroes beyond the capacity")
                 return S_IOERR, 0
         for sector, count, flags in segs:
             start, size = sector * SECTOR, count * SECTOR
+            if not size:
+                continue
             try:
-                self._zero(start, size, punch=req.type == T_DISCARD or bool(flags & 1),
-                           hint=req.type == T_DISCARD)
+                if req.type == T_DISCARD:
+                    self.disk.discard(start, size)
+                else:
+                    self.disk.write_zeroes(start, size, unmap=bool(flags & 1))
             except OSError as exc:
-                self._note(f"discard/write-zeroes failed: {exc.strerror}", host=True)
+                self._host_error("discard/write-zeroes failed", exc)
                 return S_IOERR, 0
         self.stats["other"] += 1
         return S_OK, 0
-
-    def _zero(self, start: int, size: int, *, punch: bool, hint: bool = False) -> None:
-        fd = self.image.fd
-        if not size:
-            return
-        if not self.image.block_device:
-            mode = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) if punch else (
-                FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
-            try:
-                _fallocate(fd, mode, start, size)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
-                if hint:
-                    return  # discard is a hint: nothing to do where holes are unsupported
-        chunk = bytes(1 << 20)
-        done = 0
-        while done < size:
-            n = min(len(chunk), size - done)
-            os.pwrite(fd, chunk[:n], start + done)
-            done += n
 
     # ---- data movement
 
     def _rw(self, segs: list[tuple[int, int]], offset: int, *, write: bool) -> None:
         assert self.mem is not None and self.transport is not None
-        mem = self.mem
-        views = [mem.view(a, n) for a, n in segs]
-        fd = self.image.fd
-        try:
-            self._vectored(fd, views, offset, write)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL or not self.image.direct:
-                raise
-            self._bounced(fd, views, offset, write)  # unaligned buffer under O_DIRECT
-        if not write:
-            for a, n in segs:
-                self.transport.note_dma_write(a, n)
-
-    @staticmethod
-    def _vectored(fd: int, views: list[memoryview], offset: int, write: bool) -> None:
-        # at most IOV_MAX (1024) buffers per call; SEG_MAX keeps us far below
-        while views:
-            n = os.pwritev(fd, views, offset) if write else os.preadv(fd, views, offset)
-            if n <= 0:
-                if write:
-                    raise OSError(errno.EIO, "short write")
-                # reading past the end of a file that shrank: the rest reads as zeros
-                for v in views:
-                    v[:] = bytes(len(v))
-                return
-            offset += n
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
-
-    def _bounced(self, fd: int, views: list[memoryview], offset: int, write: bool) -> None:
-        total = sum(len(v) for v in views)
-        buf = mmap.mmap(-1, max(total, mmap.PAGESIZE))  # page-aligned
-        try:
-            mv = memoryview(buf)[:total]
-            try:
-                if write:
-                    pos = 0
-                    for v in views:
-                        mv[pos:pos + len(v)] = v
-                        pos += len(v)
-                    self._vectored(fd, [mv], offset, True)
-                else:
-                    self._vectored(fd, [mv], offset, False)
-                    pos = 0
-                    for v in views:
-                        v[:] = mv[pos:pos + len(v)]
-                        pos += len(v)
-            finally:
-                mv.release()
-        finally:
-            buf.close()
+        views = [self.mem.view(a, n) for a, n in segs]
+        if write:
+            self.disk.writev(views, offset)
+            return
+        self.disk.readv(views, offset)
+        for a, n in segs:
+            self.transport.note_dma_write(a, n)
 
     def _copy_out(self, segs: list[tuple[int, int]], data: bytes) -> int:
         assert self.mem is not None and self.transport is not None
@@ -732,6 +512,18 @@ class BlockDevice(VirtioDevice):
             done += k
         return done
 
+    def _host_error(self, what: str, exc: OSError) -> None:
+        """A failed host operation; a damaged image is said once (each request
+        on it would say it again)."""
+        if isinstance(exc, CorruptImage):
+            self.errors += 1
+            if not self._corrupt_logged:
+                self._corrupt_logged = True
+                log.error("%s (%s): %s: %s; requests touching the damage fail", self.name,
+                          self.disk.path, what, exc.strerror)
+            return
+        self._note(f"{what}: {exc.strerror or exc}", host=True)
+
     def _note(self, why: str, *, host: bool = False) -> None:
         """Count a failed request and say why: the host's own failures (I/O
         errors, bugs) once per distinct message, up to 100; the guest's
@@ -739,10 +531,10 @@ class BlockDevice(VirtioDevice):
         since a hostile driver can make endless distinct ones."""
         self.errors += 1
         if not host:
-            guest_faults.warning(log, self.name, "%s (%s): %s", self.name, self.image.path, why)
+            guest_faults.warning(log, self.name, "%s (%s): %s", self.name, self.disk.path, why)
         elif why not in self._logged and len(self._logged) < 100:
             self._logged.add(why)
-            log.warning("%s (%s): %s", self.name, self.image.path, why)
+            log.warning("%s (%s): %s", self.name, self.disk.path, why)
 
 
 def _skip(segs: list[tuple[int, int]], nbytes: int) -> list[tuple[int, int]]:
@@ -754,21 +546,3 @@ def _skip(segs: list[tuple[int, int]], nbytes: int) -> list[tuple[int, int]]:
         out.append((a + nbytes, n - nbytes))
         nbytes = 0
     return out
-
-
-_libc: Any = None
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    global _libc
-    if _libc is None:
-        import ctypes
-
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        import ctypes
-
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-

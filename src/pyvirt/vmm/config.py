@@ -60,6 +60,7 @@ OnReboot = Literal["restart", "exit"]
 SandboxSetting = Literal["auto", "on", "off"]
 ConsoleKind = Literal["stdio", "virtio", "none", "file"]
 CacheMode = Literal["none", "writeback"]
+DiskFormat = Literal["raw", "qcow2"]
 
 MIN_MEMORY = 16 << 20  # below this Linux cannot even unpack an initramfs
 MAX_CPUS_HARD = 255  # xAPIC IDs / our MADT; KVM may allow fewer
@@ -142,16 +143,22 @@ _SERIAL_OK = re.compile(r"^[\x21-\x7e]{1,20}$")
 
 @dataclass(frozen=True)
 class DiskSpec:
-    """One disk: a raw image file (or block device) given to the guest as virtio-blk."""
+    """One disk: an image file (or block device) given to the guest as virtio-blk.
+
+    ``format`` None: probed, but a writable image that looks like qcow2 is
+    refused at open (see ``pyvirt.disk.open``)."""
 
     path: Path
     readonly: bool = False
     serial: str | None = None
     cache: CacheMode = "writeback"
     discard: bool = False
+    format: DiskFormat | None = None
 
     def __post_init__(self) -> None:
         _no_nul(self.path, "path")
+        if self.format is not None and self.format not in get_args(DiskFormat):
+            raise _enum_error("format", self.format, ("raw", "qcow2"))
         if self.serial is not None and not _SERIAL_OK.match(self.serial):
             raise ConfigError("must be 1-20 printable ASCII characters, no spaces", "serial")
         if self.cache not in get_args(CacheMode):
@@ -159,7 +166,7 @@ class DiskSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "readonly": self.readonly, "serial": self.serial,
-                "cache": self.cache, "discard": self.discard}
+                "cache": self.cache, "discard": self.discard, "format": self.format}
 
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -443,7 +450,7 @@ _NIC_KEYS = ("kind", "mac", "tap", "bridge", "hostfwd")
 _FORWARD_KEYS = ("proto", "host_port", "guest_port", "host_addr")
 _VSOCK_KEYS = ("cid", "path")
 _CONSOLE_KEYS = ("kind", "path")
-_DISK_KEYS = ("path", "readonly", "serial", "cache", "discard")
+_DISK_KEYS = ("path", "readonly", "serial", "cache", "discard", "format")
 _JSON_TYPE = {bool: "true or false", int: "an integer", str: "a string"}
 
 
@@ -571,7 +578,9 @@ def _disk(doc: dict[str, Any]) -> DiskSpec:
                     readonly=_get(doc, "readonly", bool, False),
                     serial=serial,
                     cache=_get(doc, "cache", str, "writeback"),
-                    discard=_get(doc, "discard", bool, False))
+                    discard=_get(doc, "discard", bool, False),
+                    format=None if doc.get("format") is None  # type: ignore[arg-type]
+                    else _get(doc, "format", str, None))
 
 
 def _disks(value: object) -> tuple[DiskSpec, ...]:
@@ -790,8 +799,8 @@ def _onoff(key: str, value: str, spec: str) -> bool:
 
 
 def parse_disk(spec: str) -> DiskSpec:
-    """``path=FILE[,readonly=on][,serial=ID][,cache=none|writeback][,discard=on]``
-    (a bare ``FILE`` also works). The file is looked at by ``check_host``."""
+    """``path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID][,cache=none|writeback]
+    [,discard=on]`` (a bare ``FILE`` also works). The file is looked at by ``check_host``."""
     opts: dict[str, str] = {}
     for i, part in enumerate(spec.split(",")):
         if "=" not in part:
@@ -806,16 +815,20 @@ def parse_disk(spec: str) -> DiskSpec:
     unknown = set(opts) - set(_DISK_KEYS)
     if unknown:
         raise ConfigError(f"--disk {spec}: unknown option {sorted(unknown)[0]!r} "
-                          "(expected path, readonly, serial, cache, discard)")
+                          "(expected path, format, readonly, serial, cache, discard)")
     if not opts.get("path"):
         raise ConfigError(f"--disk {spec}: path=FILE is required")
     cache = opts.get("cache", "writeback")
     if cache not in get_args(CacheMode):
         raise ConfigError(f"--disk {spec}: cache={cache!r} must be none or writeback")
+    fmt = opts.get("format")
+    if fmt is not None and fmt not in get_args(DiskFormat):
+        raise ConfigError(f"--disk {spec}: format={fmt!r} must be raw or qcow2")
     try:
         return DiskSpec(Path(opts["path"]), _onoff("readonly", opts.get("readonly", "off"), spec),
                         opts.get("serial"), cache,  # type: ignore[arg-type]
-                        _onoff("discard", opts.get("discard", "off"), spec))
+                        _onoff("discard", opts.get("discard", "off"), spec),
+                        fmt)  # type: ignore[arg-type]
     except ConfigError as exc:  # DiskSpec names its field: here the option is the key
         raise ConfigError(f"--disk {spec}: {exc.detail}" if exc.field == "path" else
                           f"--disk {spec}: {exc.field} {exc.detail}") from None

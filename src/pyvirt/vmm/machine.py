@@ -590,9 +590,9 @@ def attach_pci(m: Machine, vm: Vm, mem: GuestMemory) -> None:
         from pyvirt.virtio.blk import BlockDevice
 
         # the images were opened and locked once for the VM's life (VmResources)
-        for i, (disk, image) in enumerate(zip(cfg.disks, m.resources.disks, strict=True)):
+        for i, (spec, disk) in enumerate(zip(cfg.disks, m.resources.disks, strict=True)):
             name = f"vd{chr(ord('a') + i)}"
-            blk = BlockDevice(image, serial=disk.serial, discard=disk.discard,
+            blk = BlockDevice(disk, serial=spec.serial, discard=spec.discard,
                               name=f"virtio-blk-{name}")
             plug(blk, f"virtio-blk-{name}")
             m.devices[f"disk-{name}"] = blk

@@ -5,9 +5,11 @@ and closes them when the VM ends (``run_vm`` owns it; a context manager):
 
 - the kernel and initrd: opened without blocking, checked to be regular files,
   read again from the same open file at each boot;
-- the disk images: opened and locked (``DiskImage``); a guest reboot rebuilds
-  the machine but not its disks, so the lock is never released while the VM
-  lives; the same file under two names is refused by device and inode;
+- the disk images: opened and locked with their backing chains
+  (``open_disk``); a guest reboot rebuilds the machine but not its disks, so
+  the locks are never released while the VM lives; the same file under two
+  names is refused by device and inode, across all the disks' chains, except
+  a file every use of which is read-only (two overlays over one base image);
 - the NICs' host sides (``NetBackend``): a TAP opened (or created, and put on
   its bridge) or a passt process started, once: a guest reboot keeps them;
 - the vsock's listening Unix socket, bound before the sandbox closes the
@@ -35,8 +37,8 @@ from pyvirt.vmm.config import NicSpec, VmConfig
 from pyvirt.vmm.console import Console
 
 if TYPE_CHECKING:  # virtio-blk and the network are imported only for VMs that have them
+    from pyvirt.disk.backend import DiskBackend
     from pyvirt.net.backend import NetBackend
-    from pyvirt.virtio.blk import DiskImage
 
 __all__ = ["BootFile", "VmResources"]
 
@@ -83,7 +85,7 @@ class VmResources:
     console: Console
     kernel: BootFile | None = None
     initrd: BootFile | None = None
-    disks: list[DiskImage] = field(default_factory=list)
+    disks: list[DiskBackend] = field(default_factory=list)
     nics: list[NetBackend] = field(default_factory=list)
     vsock_listener: socket.socket | None = None
     started: bool = False
@@ -98,16 +100,7 @@ class VmResources:
             if config.initrd is not None:
                 res.initrd = BootFile.open(config.initrd, "initrd")
             if config.disks:
-                from pyvirt.virtio.blk import DiskImage
-
-                taken: dict[FileIdentity, str] = {}
-                for i, spec in enumerate(config.disks):
-                    what = f"disks[{i}].path"
-                    image = DiskImage.open(spec.path, readonly=spec.readonly,
-                                           direct=spec.cache == "none", what=what,
-                                           others=taken)
-                    res.disks.append(image)
-                    taken[image.identity] = f"{what} ({spec.path})"
+                res._open_disks()
             for i, nic in enumerate(config.nics):
                 res.nics.append(_open_nic(nic, f"nics[{i}]"))
             if config.vsock is not None:
@@ -119,6 +112,29 @@ class VmResources:
             raise
         return res
 
+    def _open_disks(self) -> None:
+        from pyvirt.disk.backend import SECTOR, DiskError
+        from pyvirt.disk.open import open_disk
+
+        taken: dict[FileIdentity, str] = {}  # every file of every chain: its name
+        shared: set[FileIdentity] = set()  # those whose every use is read-only
+        for i, spec in enumerate(self.config.disks):
+            what = f"disks[{i}].path"
+            disk = open_disk(spec.path, format=spec.format, readonly=spec.readonly,
+                             direct=spec.cache == "none", what=what, others=taken,
+                             allow_self_shared=shared)
+            self.disks.append(disk)
+            if disk.size < SECTOR:
+                raise DiskError(f"{what}: {spec.path}: image is smaller than one 512-byte sector")
+            for depth, layer in enumerate(disk.chain()):
+                if layer.identity not in taken:
+                    taken[layer.identity] = (f"{what} ({spec.path})" if depth == 0 else
+                                             f"a backing file of {what} ({layer.path})")
+                if layer.readonly:
+                    shared.add(layer.identity)
+                else:
+                    shared.discard(layer.identity)
+
     def start(self) -> None:
         """All set-up is done and checked: create the console's output file and
         take the terminal. Once, just before the guest first runs."""
@@ -129,8 +145,8 @@ class VmResources:
     def close(self) -> None:
         """Give everything back (idempotent): the terminal first, then the files."""
         self.console.close()
-        for image in self.disks:
-            image.close()
+        for disk in self.disks:
+            disk.close()
         self.disks.clear()
         for nic in self.nics:
             nic.close()

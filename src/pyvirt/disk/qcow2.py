@@ -1,0 +1,1276 @@
+"""The qcow2 backend: an image of L1/L2-mapped clusters over an optional backing chain.
+
+Format per QEMU's docs/interop/qcow2.txt (versions 2 and 3). Reads: normal,
+zero, unallocated (backing file or zeros), compressed (zlib, zstd) and
+extended-L2 (subcluster) clusters. Writes: in place into clusters we own
+(COPIED), else a new cluster with copy-on-write of the untouched part.
+
+Crash safety (a crash at any moment leaves leaked clusters at worst, as in
+QEMU): the L2 and refcount-block caches are write-back, and
+
+* a refcount increment reaches the disk before any L2/L1 entry that points at
+  the new cluster (dirty refcount blocks are written and synced before any
+  dirty L2 table is written: ``_write_l2``);
+* guest data is written before the L2 entry that maps it (the entry is set
+  only after the data write returned, and L2 tables go out after a sync);
+* a new L2 table is on disk before the L1 entry points at it (L1 is
+  write-through, after a sync);
+* a cluster is freed (refcount decremented) only after the L2/L1 change that
+  dropped its last reference is on disk: frees are queued and applied in
+  ``flush`` after the L2 sync, and only when no unlocked data I/O is in flight
+  (so a freed cluster is never reused while a read or write still targets it).
+
+Threads: ``_lock`` guards every piece of metadata (caches, tables, the free
+queue). Reads and in-place writes of allocated clusters look up under it and do
+their data I/O outside it (counted in ``_inflight``); allocating writes,
+discards and zeroing hold it throughout. Lock order: ``_lock`` then a backing
+file's own locks.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+from pyvirt.disk.backend import ChainLimits, CorruptImage, DiskBackend, DiskError, Extent, ImageFile
+from pyvirt.disk.qcow2_create import create_qcow2
+from pyvirt.disk.qcow2_header import (
+    COMPAT_LAZY_REFCOUNTS,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    INCOMPAT_EXTL2,
+    MAX_BACKING_NAME,
+    MAX_HOST_OFFSET,
+    MAX_VIRTUAL_SIZE,
+    Qcow2Header,
+    parse_header,
+)
+
+__all__ = ["Qcow2Disk", "create_qcow2"]
+
+log = logging.getLogger(__name__)
+
+OpenBacking = Callable[[Path, "str | None", str], DiskBackend]
+
+COPIED = 1 << 63
+COMPRESSED = 1 << 62
+ZERO_FLAG = 1
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+REFTABLE_MASK = 0xFFFFFFFFFFFFFE00
+
+# piece kinds of a mapped guest range
+_DATA, _ZERO, _BACK, _COMP = 0, 1, 2, 3
+
+_Q = struct.Struct(">Q")
+_QQ = struct.Struct(">QQ")
+#: the most frees queued before a writer waits for in-flight I/O to drain
+_MAX_PENDING_FREES = 1 << 16
+#: clusters one block_status call looks at (bounded work per call)
+_STATUS_SCAN = 1 << 16
+
+
+class _Cursor:
+    """Hands out consecutive byte ranges of a list of views."""
+
+    __slots__ = ("i", "pos", "views")
+
+    def __init__(self, views: list[memoryview]) -> None:
+        self.views = views
+        self.i = 0
+        self.pos = 0
+
+    def take(self, n: int) -> list[memoryview]:
+        out: list[memoryview] = []
+        views = self.views
+        while n > 0:
+            v = views[self.i]
+            avail = len(v) - self.pos
+            if avail <= n:
+                out.append(v[self.pos:] if self.pos else v)
+                n -= avail
+                self.i += 1
+                self.pos = 0
+            else:
+                out.append(v[self.pos:self.pos + n])
+                self.pos += n
+                n = 0
+        return out
+
+
+def _zero_views(views: list[memoryview]) -> None:
+    for v in views:
+        v[:] = bytes(len(v))
+
+
+class Qcow2Disk:
+    """One open qcow2 image (see the module docstring)."""
+
+    format = "qcow2"
+
+    def __init__(self, file: ImageFile, header: Qcow2Header, *, what: str) -> None:
+        self._file = file
+        self._fd = file.fd
+        self._what = what
+        self._h = header
+        self.path = file.path
+        self.readonly = file.readonly
+        self.direct = False  # O_DIRECT is dropped: metadata I/O is not block aligned
+        self.identity = file.identity
+        self.version = header.version
+        self.cluster_bits = cb = header.cluster_bits
+        self.cluster_size = cs = 1 << cb
+        self.discard_granularity = cs
+        self.refcount_bits = 1 << header.refcount_order
+        self.backing_name = header.backing_name
+        self.backing_format = header.backing_format
+        self.backing: DiskBackend | None = None
+        self.dirty = bool(header.incompatible & INCOMPAT_DIRTY)
+        self.corrupt = bool(header.incompatible & INCOMPAT_CORRUPT)
+        self.lazy_refcounts = bool(header.compatible & COMPAT_LAZY_REFCOUNTS)
+        self.extended_l2 = bool(header.incompatible & INCOMPAT_EXTL2)
+        self.compression_type = "zstd" if header.compression_type == 1 else "zlib"
+        # the protocol wants whole sectors; qemu-img rounds sizes up the same way
+        self.size = -(-header.size // 512) * 512
+        self._esize = 16 if self.extended_l2 else 8
+        self._l2_entries = cs // self._esize
+        self._l2_bits = self._l2_entries.bit_length() - 1
+        self._csize_shift = 62 - (cb - 8)
+        self._csize_mask = (1 << (cb - 8)) - 1
+        self._rb_bits = cb + 3 - header.refcount_order  # log2(refcounts per block)
+        self._ref_max = (1 << self.refcount_bits) - 1
+        self._v3_zero = header.version >= 3 and not self.extended_l2
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._inflight = 0
+        self._file_end = file.host_size  # grows as we write new clusters
+        self._drainers = 0  # threads waiting in _drain
+        self._l1_entries = 0
+        self._l1lo = self._l1hi = self._rtlo = self._rthi = 0
+        self._l1 = bytearray()
+        self._rt = bytearray()
+        self._rt_entries = 0
+        self._l2_cache: OrderedDict[int, bytearray] = OrderedDict()
+        self._l2_dirty: set[int] = set()
+        self._rb_cache: OrderedDict[int, bytearray] = OrderedDict()
+        self._rb_dirty: set[int] = set()
+        self._l2_max = 16
+        #: guest cluster -> host offset of plain data clusters we own (COPIED),
+        #: checked: the per-request fast path; dropped by _set_entry
+        self._hot: dict[int, int] = {}
+        self._hot_max = 4096
+        self._rb_max = 16
+        self._pending_frees: list[int] = []
+        self._free_cursor = 1
+        self._data_dirty = False
+        self._dirty_on_disk = self.dirty
+        self._closed = False
+        self._corrupt_logged = False
+
+    # ------------------------------------------------------------------ open
+
+    @classmethod
+    def open(cls, file: ImageFile, *, what: str, open_backing: OpenBacking | None,
+             limits: ChainLimits) -> Qcow2Disk:
+        """Open ``file`` (ownership passes here: closed on error and in ``close``)."""
+        disk: Qcow2Disk | None = None
+        try:
+            if file.direct:
+                flags = fcntl.fcntl(file.fd, fcntl.F_GETFL)
+                fcntl.fcntl(file.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            header = cls._read_header(file, what)
+            if not file.readonly and header.incompatible & INCOMPAT_DIRTY:
+                cls._repair(file, what)
+                header = cls._read_header(file, what)
+            disk = cls(file, header, what=what)
+            disk._setup(limits)
+            if open_backing is not None and header.backing_name is not None:
+                name = header.backing_name
+                bpath = Path(name)
+                if not bpath.is_absolute():
+                    bpath = file.path.parent / bpath
+                disk.backing = open_backing(bpath, header.backing_format,
+                                            f"{what}: backing file {name}")
+            if not file.readonly:
+                disk._open_writable()
+            return disk
+        except BaseException:
+            if disk is not None and disk.backing is not None:
+                disk.backing.close()
+            file.close()
+            raise
+
+    @staticmethod
+    def _read_header(file: ImageFile, what: str) -> Qcow2Header:
+        try:
+            first = os.pread(file.fd, 4096, 0)
+            if len(first) >= 24 and 9 <= first[23] <= 21 and first[20:23] == b"\0\0\0":
+                cs = 1 << first[23]
+                if cs > len(first):
+                    first = os.pread(file.fd, cs, 0)
+        except OSError as exc:
+            raise DiskError(f"{what}: cannot read {file.path}: {exc.strerror}") from None
+        return parse_header(first, what, file.host_size)
+
+    @staticmethod
+    def _repair(file: ImageFile, what: str) -> None:
+        """A dirty image (lazy refcounts, not closed cleanly) opened writable:
+        rebuild its refcounts first, as QEMU does."""
+        try:
+            from pyvirt.disk.qcow2_check import check_qcow2
+        except ImportError:
+            raise DiskError(f"{what}: {file.path} was not closed cleanly (dirty bit) and "
+                            "cannot be repaired here; open it read-only") from None
+        try:
+            check_qcow2(file.fd, repair="all", filename=str(file.path))
+        except (OSError, ValueError) as exc:
+            raise DiskError(f"{what}: repairing the dirty image {file.path} failed: "
+                            f"{exc}") from None
+
+    def _setup(self, limits: ChainLimits) -> None:
+        h = self._h
+        cs = self.cluster_size
+        what = self._what
+        if not self.readonly:
+            if self.corrupt:
+                raise DiskError(f"{what}: {self.path} is marked corrupt; "
+                                f"`pyvirt img check -r all {self.path}` first")
+            if self.extended_l2:
+                raise DiskError(f"{what}: {self.path} has extended L2 entries (subclusters): "
+                                "read-only support; open it read-only")
+            if h.nb_snapshots:
+                raise DiskError(f"{what}: {self.path} has internal snapshots: read-only support")
+        # the metadata caches share the budget: L2 tables 5/8, refcount
+        # blocks 1/4, the fast-path map about 1/10 (some 100 bytes an entry)
+        budget = max(limits.cache_bytes, 8 * cs)
+        self._l2_max = max(4, budget * 5 // 8 // cs)
+        self._rb_max = max(4, budget // 4 // cs)
+        self._hot_max = max(256, budget // 1024)
+        self._l1 = self._read_exact(h.l1_table_offset, h.l1_size * 8)
+        self._rt = self._read_exact(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        self._rt_entries = len(self._rt) // 8
+        self._update_bounds()
+
+    def _read_exact(self, offset: int, length: int) -> bytearray:
+        """Bytes of a table; past the end of the file they read as zero."""
+        buf = bytearray(length)
+        done = 0
+        while done < length:
+            try:
+                got = os.preadv(self._fd, [memoryview(buf)[done:]], offset + done)
+            except OSError as exc:
+                raise DiskError(f"{self._what}: cannot read {self.path}: {exc.strerror}") from None
+            if got <= 0:
+                break
+            done += got
+        return buf
+
+    def _open_writable(self) -> None:
+        h = self._h
+        if h.version >= 3 and h.autoclear:
+            # we keep no bitmaps: once we write, any the image has are stale
+            h.autoclear = 0
+            os.pwrite(self._fd, _Q.pack(0), 88)
+            os.fdatasync(self._fd)
+
+    # ----------------------------------------------------------- public API
+
+    def chain(self) -> list[DiskBackend]:
+        out: list[DiskBackend] = [self]
+        if self.backing is not None:
+            out.extend(self.backing.chain())
+        return out
+
+    def info(self) -> dict[str, object]:
+        """What ``qemu-img info --output json`` prints as format-specific data."""
+        if self.version < 3:
+            return {"compat": "0.10", "compression-type": self.compression_type,
+                    "refcount-bits": self.refcount_bits}
+        return {"compat": "1.1", "compression-type": self.compression_type,
+                "lazy-refcounts": self.lazy_refcounts, "refcount-bits": self.refcount_bits,
+                "corrupt": self.corrupt, "extended-l2": self.extended_l2}
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"request [{offset}, +{length}) outside the disk ({self.size} bytes)")
+        if self._closed:
+            raise ValueError("the disk is closed")
+
+    def _fast_host(self, offset: int, total: int, write: bool) -> int:
+        """Host offset for a request inside one plain data cluster whose L2
+        table is cached (the common case, kept short); 0 otherwise. Under _lock."""
+        cs = self.cluster_size
+        inoff = offset & (cs - 1)
+        if inoff + total > cs:
+            return 0
+        gci = offset >> self.cluster_bits
+        host = self._hot.get(gci)
+        if host is not None:
+            return host + inoff
+        if self._esize != 8:
+            return 0
+        l1i = gci >> self._l2_bits
+        if l1i >= self._l1_entries:
+            return 0
+        l2off = _Q.unpack_from(self._l1, l1i << 3)[0] & OFFSET_MASK
+        tbl = self._l2_cache.get(l2off) if l2off else None
+        if tbl is None:
+            return 0
+        self._l2_cache.move_to_end(l2off)
+        e: int = _Q.unpack_from(tbl, (gci & (self._l2_entries - 1)) << 3)[0]
+        host = e & OFFSET_MASK
+        if not host or e & (COMPRESSED | ZERO_FLAG) or (write and not e & COPIED):
+            return 0
+        # the slow path names the damage
+        if host & (cs - 1) or host < cs or self._l1lo <= host < self._l1hi \
+                or self._rtlo <= host < self._rthi or host >= self._file_end:
+            return 0
+        if e & COPIED:
+            if len(self._hot) >= self._hot_max:
+                self._hot.clear()
+            self._hot[gci] = host
+        return host + inoff
+
+    def _io_done(self, wrote: bool = False) -> None:
+        with self._lock:
+            self._inflight -= 1
+            if wrote:
+                # set again on completion: a flush that ran while this write was
+                # in flight cleared the flag without covering it
+                self._data_dirty = True
+            if not self._inflight and self._drainers:
+                self._cond.notify_all()
+
+    def _drain(self) -> None:
+        """Wait (under _lock) until no unlocked data I/O is in flight."""
+        self._drainers += 1
+        try:
+            while self._inflight:
+                self._cond.wait()
+        finally:
+            self._drainers -= 1
+
+    def _update_bounds(self) -> None:
+        h = self._h
+        self._l1_entries = h.l1_size
+        self._l1lo, self._l1hi = h.l1_table_offset, h.l1_table_offset + h.l1_size * 8
+        self._rtlo, self._rthi = h.refcount_table_offset, h.refcount_table_offset + len(self._rt)
+
+    def readv(self, views: list[memoryview], offset: int) -> None:
+        if len(views) == 1:
+            total = len(views[0])
+        else:
+            total = 0
+            for v in views:
+                total += len(v)
+        if offset < 0 or offset + total > self.size or self._closed:
+            self._check_range(offset, total)
+        if not total:
+            return
+        with self._lock:
+            host = self._fast_host(offset, total, False)
+            if host:
+                self._inflight += 1
+        if host:
+            try:
+                if os.preadv(self._fd, views, host) < total:
+                    self._pread_views(views, host, total)
+            finally:
+                self._io_done()
+            return
+        with self._lock:
+            pieces = self._map(offset, total)
+            self._inflight += 1
+        try:
+            self._exec_read(views, pieces)
+        finally:
+            self._io_done()
+
+    def read_cached(self, views: list[memoryview], offset: int) -> bool:
+        """Only a read inside one plain data cluster whose L2 table is cached,
+        and only from the page cache (RWF_NOWAIT)."""
+        total = sum(len(v) for v in views)
+        if offset < 0 or offset + total > self.size or self._closed or not total:
+            return False
+        with self._lock:
+            host = self._fast_host(offset, total, False)
+            if host:
+                self._inflight += 1
+        if not host:
+            return False
+        try:
+            return bool(os.preadv(self._fd, views, host, os.RWF_NOWAIT) == total)
+        except OSError:  # EAGAIN: not cached; anything else: the slow path reports it
+            return False
+        finally:
+            self._io_done()
+
+    def writev(self, views: list[memoryview], offset: int) -> None:
+        if self.readonly:
+            raise PermissionError(errno.EROFS, f"{self.path} is open read-only")
+        if len(views) == 1:
+            total = len(views[0])
+        else:
+            total = 0
+            for v in views:
+                total += len(v)
+        if offset < 0 or offset + total > self.size or self._closed:
+            self._check_range(offset, total)
+        if not total:
+            return
+        with self._lock:
+            host = self._fast_host(offset, total, True)
+            if host:
+                self._inflight += 1
+                self._data_dirty = True
+        if host:
+            try:
+                self._pwrite_views(views, host, total)
+            finally:
+                self._io_done(True)
+            return
+        cur = _Cursor(views)
+        with self._lock:
+            runs = self._inplace_runs(offset, total)
+            self._data_dirty = True
+            if runs is None:
+                self._mark_dirty()
+                self._write_allocating(offset, total, cur)
+                self._bound_frees()
+                return
+            self._inflight += 1
+        try:
+            for run_host, n in runs:
+                self._pwrite_views(cur.take(n), run_host, n)
+        finally:
+            self._io_done(True)
+
+    def flush(self) -> None:
+        if self.readonly:
+            return
+        with self._lock:
+            self._flush_locked()
+
+    def discard(self, offset: int, length: int) -> None:
+        if self.readonly:
+            raise PermissionError(errno.EROFS, f"{self.path} is open read-only")
+        self._check_range(offset, length)
+        start, end = self._whole_clusters(offset, length)
+        if start >= end:
+            return  # a discard is a hint: partial clusters are left alone
+        with self._lock:
+            self._mark_dirty()
+            self._set_range(start, end, zero=False, unmap=True)
+            self._bound_frees()
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool) -> None:
+        if self.readonly:
+            raise PermissionError(errno.EROFS, f"{self.path} is open read-only")
+        self._check_range(offset, length)
+        start, end = self._whole_clusters(offset, length)
+        has_backing = self.backing_name is not None
+        if start >= end or (not self._v3_zero and has_backing):
+            self._write_real_zeros(offset, length)  # v2 over a backing file: no zero flag
+            return
+        if offset < start:
+            self._write_real_zeros(offset, start - offset)
+        with self._lock:
+            self._mark_dirty()
+            self._set_range(start, end, zero=True, unmap=unmap)
+            self._bound_frees()
+        if offset + length > end:
+            self._write_real_zeros(end, offset + length - end)
+
+    def block_status(self, offset: int, length: int) -> Extent:
+        self._check_range(offset, length)
+        if not length:
+            raise ValueError("block_status of an empty range")
+        cs = self.cluster_size
+        length = min(length, _STATUS_SCAN * cs)
+        with self._lock:
+            pieces = self._map(offset, length, first_run=True)
+        kind, goff, n, a, _b, _c = pieces[0]
+        if kind == _DATA:
+            return Extent(goff, n, data=True, zero=False, present=True, depth=0,
+                          host_offset=a, file=self.path)
+        if kind == _COMP:
+            return Extent(goff, n, data=True, zero=False, present=True, depth=0,
+                          file=self.path, compressed=True)
+        if kind == _ZERO and a:  # the zero flag (or a v2 image's "reads as zero")
+            return Extent(goff, n, data=False, zero=True, present=True, depth=0, file=self.path)
+        bk = self.backing
+        if bk is not None and goff < bk.size:
+            e = bk.block_status(goff, min(n, bk.size - goff))
+            return Extent(e.offset, e.length, data=e.data, zero=e.zero, present=e.present,
+                          depth=e.depth + 1, host_offset=e.host_offset, file=e.file,
+                          compressed=e.compressed)
+        return Extent(goff, n, data=False, zero=True, present=False, depth=len(self.chain()))
+
+    def set_backing(self, name: str | None, fmt: str | None) -> None:
+        """Rewrite the backing file name and format in the header (``rebase -u``)."""
+        if self.readonly:
+            raise PermissionError(errno.EROFS, f"{self.path} is open read-only")
+        if name is not None and (not name or len(name.encode()) > MAX_BACKING_NAME or "\0" in name):
+            raise DiskError(f"{self._what}: backing file name must be 1..{MAX_BACKING_NAME} bytes")
+        if name is None:
+            fmt = None
+        with self._lock:
+            h = self._h
+            old = (h.backing_name, h.backing_format, h.backing_file_offset, h.backing_file_size)
+            h.backing_name, h.backing_format = name, fmt
+            data = h.layout()
+            if len(data) > self.cluster_size:
+                h.backing_name, h.backing_format, h.backing_file_offset, h.backing_file_size = old
+                raise DiskError(f"{self._what}: the backing file name does not fit in the header "
+                                "cluster")
+            os.pwrite(self._fd, data.ljust(min(self.cluster_size, max(len(data), 4096)), b"\0"), 0)
+            os.fdatasync(self._fd)
+            self.backing_name, self.backing_format = name, fmt
+
+    def resize(self, new_size: int) -> None:
+        if self.readonly:
+            raise PermissionError(errno.EROFS, f"{self.path} is open read-only")
+        if new_size % 512 or new_size < 0 or new_size > MAX_VIRTUAL_SIZE:
+            raise DiskError(f"{self._what}: size {new_size} must be a multiple of 512 "
+                            f"up to {MAX_VIRTUAL_SIZE}")
+        if new_size < self.size:
+            self._shrink(new_size)
+            return
+        with self._lock:
+            self._mark_dirty()
+            self._grow(new_size)
+
+    def _shrink(self, new_size: int) -> None:
+        """Drop everything past ``new_size`` (as ``qemu-img resize --shrink``)."""
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        old_size = self.size
+        tail = min(old_size, -(-new_size // cs) * cs)
+        if tail > new_size:
+            # the rest of the last cluster reads as zeros if the disk grows again
+            self._write_real_zeros(new_size, tail - new_size)
+        with self._lock:
+            self._mark_dirty()
+            h = self._h
+            self._set_range(tail, -(-old_size // cs) * cs, zero=False, unmap=True)
+            keep = -(-new_size // (cs * self._l2_entries))
+            for l1i in range(keep, h.l1_size):
+                l2off = _Q.unpack_from(self._l1, l1i * 8)[0] & OFFSET_MASK
+                if l2off:
+                    self._write_l1(l1i, 0)
+                    self._l2_cache.pop(l2off, None)
+                    self._l2_dirty.discard(l2off)
+                    self._pending_frees.append(l2off >> cb)
+            self._flush_locked()  # the dropped references are on disk first
+            os.pwrite(self._fd, _Q.pack(new_size), 24)
+            os.fdatasync(self._fd)
+            h.size = self.size = new_size
+            self._hot = {k: v for k, v in self._hot.items() if k < keep << self._l2_bits}
+            self._flush_locked()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.readonly:
+                with self._lock:
+                    self._drain()
+                    self._flush_locked()
+                    self._flush_locked()  # writes the blocks the applied frees dirtied
+                    if self._dirty_on_disk:
+                        self._h.incompatible &= ~INCOMPAT_DIRTY
+                        os.pwrite(self._fd, _Q.pack(self._h.incompatible), 72)
+                        os.fdatasync(self._fd)
+                        self._dirty_on_disk = False
+        finally:
+            self._closed = True
+            try:
+                if self.backing is not None:
+                    self.backing.close()
+            finally:
+                self._file.close()
+
+    # --------------------------------------------------------- corruption
+
+    def _corrupt(self, msg: str) -> CorruptImage:
+        full = f"{self.path}: corrupt qcow2 image: {msg}"
+        if not self._corrupt_logged:
+            self._corrupt_logged = True
+            log.error("%s", full)
+        return CorruptImage(full)
+
+    def _check_host(self, host: int, what: str, eof: bool = True) -> None:
+        """A cluster an entry points at must not be the header or a table we
+        hold, nor (``eof``) start past the end of the file: we extend the file
+        before anything points there, so such an entry is damage."""
+        cs = self.cluster_size
+        h = self._h
+        if host & (cs - 1) or host < cs:
+            raise self._corrupt(f"{what} at 0x{host:x} is invalid")
+        if eof and host >= self._file_end:
+            raise self._corrupt(f"{what} at 0x{host:x} lies past the end of the file")
+        if h.l1_table_offset <= host < h.l1_table_offset + h.l1_size * 8 or \
+                h.refcount_table_offset <= host < h.refcount_table_offset + len(self._rt):
+            raise self._corrupt(f"{what} at 0x{host:x} overlaps a metadata table")
+
+    # ---------------------------------------------------------- L2 lookups
+
+    def _l2_table(self, l2off: int) -> bytearray:
+        tbl = self._l2_cache.get(l2off)
+        if tbl is not None:
+            self._l2_cache.move_to_end(l2off)
+            return tbl
+        self._check_host(l2off, "an L2 table")
+        tbl = self._pread_meta(l2off)
+        self._cache_insert_l2(l2off, tbl)
+        return tbl
+
+    def _cache_insert_l2(self, l2off: int, tbl: bytearray) -> None:
+        cache = self._l2_cache
+        while len(cache) >= self._l2_max:
+            old = next(iter(cache))
+            if old in self._l2_dirty:
+                self._write_l2([old])
+            del cache[old]
+        cache[l2off] = tbl
+
+    def _pread_meta(self, off: int) -> bytearray:
+        buf = bytearray(self.cluster_size)
+        got = os.preadv(self._fd, [buf], off)
+        if got < len(buf):
+            got += max(0, os.preadv(self._fd, [memoryview(buf)[got:]], off + got))
+        return buf  # past the end of the file: zeros
+
+    def _entry(self, gci: int) -> tuple[int, int]:
+        """(L2 entry, subcluster bitmap) of guest cluster ``gci``; (0, 0) unmapped."""
+        l1i = gci >> self._l2_bits
+        if l1i >= self._h.l1_size:
+            return 0, 0
+        l2off = _Q.unpack_from(self._l1, l1i * 8)[0] & OFFSET_MASK
+        if not l2off:
+            return 0, 0
+        tbl = self._l2_table(l2off)
+        idx = gci & (self._l2_entries - 1)
+        if self._esize == 8:
+            return _Q.unpack_from(tbl, idx * 8)[0], 0
+        return _QQ.unpack_from(tbl, idx * 16)
+
+    def _map(self, offset: int, length: int, first_run: bool = False
+             ) -> list[tuple[int, int, int, int, int, int]]:
+        """Split a guest range into pieces (kind, guest offset, length, a, b, c):
+        _DATA a=host offset; _ZERO a=1 when this image says zero (0: unmapped, no
+        backing); _BACK; _COMP a=host offset, b=compressed size, c=offset in the
+        cluster. Adjacent pieces of one kind (contiguous on the host) are merged.
+        ``first_run``: stop after the first run of one kind."""
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        pieces: list[tuple[int, int, int, int, int, int]] = []
+        off = offset
+        end = offset + length
+        unmapped = _BACK if self.backing is not None else _ZERO
+        while off < end:
+            inoff = off & (cs - 1)
+            n = min(cs - inoff, end - off)
+            e, bm = self._entry(off >> cb)
+            if e & COMPRESSED:
+                coff = e & ((1 << self._csize_shift) - 1)
+                csize = (((e >> self._csize_shift) & self._csize_mask) + 1) * 512 - (coff & 511)
+                if coff < cs or coff + csize > MAX_HOST_OFFSET:
+                    raise self._corrupt(f"compressed cluster at 0x{coff:x} is invalid")
+                piece = (_COMP, off, n, coff, csize, inoff)
+            elif self._esize == 16:
+                self._map_sub(pieces, off, n, inoff, e, bm, unmapped)
+                if first_run and len(pieces) > 1:
+                    return pieces[:1]
+                off += n
+                continue
+            elif e & ZERO_FLAG and self._v3_zero:
+                if e & OFFSET_MASK:  # "zero, allocated": still a cluster we may reuse
+                    self._check_host(e & OFFSET_MASK, "a zero cluster")
+                piece = (_ZERO, off, n, 1, 0, 0)
+            else:
+                host = e & OFFSET_MASK
+                if host:
+                    self._check_host(host, "a data cluster")
+                    piece = (_DATA, off, n, host + inoff, 0, 0)
+                else:
+                    piece = (unmapped, off, n, 0, 0, 0)
+            self._add_piece(pieces, piece)
+            if first_run and len(pieces) > 1:
+                return pieces[:1]
+            off += n
+        return pieces
+
+    @staticmethod
+    def _add_piece(pieces: list[tuple[int, int, int, int, int, int]],
+                   piece: tuple[int, int, int, int, int, int]) -> None:
+        if pieces:
+            last = pieces[-1]
+            kind = piece[0]
+            if kind == last[0] and kind != _COMP and (
+                    (kind == _DATA and last[3] + last[2] == piece[3])
+                    or (kind != _DATA and last[3] == piece[3])):
+                pieces[-1] = (kind, last[1], last[2] + piece[2], last[3], 0, 0)
+                return
+        pieces.append(piece)
+
+    def _map_sub(self, pieces: list[tuple[int, int, int, int, int, int]], off: int, n: int,
+                 inoff: int, e: int, bm: int, unmapped: int) -> None:
+        """Extended L2: split one cluster's part by subcluster (32 per cluster)."""
+        sc = self.cluster_size // 32
+        host = e & OFFSET_MASK
+        if host:
+            self._check_host(host, "a data cluster")
+        if bm & (bm >> 32) & 0xFFFFFFFF:
+            raise self._corrupt("a subcluster is both allocated and zero")
+        pos = inoff
+        stop = inoff + n
+        while pos < stop:
+            i = pos // sc
+            m = min((i + 1) * sc, stop) - pos
+            goff = off + pos - inoff
+            if bm >> (32 + i) & 1:
+                piece = (_ZERO, goff, m, 1, 0, 0)
+            elif bm >> i & 1:
+                if not host:
+                    raise self._corrupt("an allocated subcluster without a host cluster")
+                piece = (_DATA, goff, m, host + pos, 0, 0)
+            else:
+                piece = (unmapped, goff, m, 0, 0, 0)
+            self._add_piece(pieces, piece)
+            pos += m
+
+    # ---------------------------------------------------------------- reads
+
+    def _exec_read(self, views: list[memoryview],
+                   pieces: list[tuple[int, int, int, int, int, int]]) -> None:
+        cur = _Cursor(views)
+        for kind, goff, n, a, b, c in pieces:
+            sub = cur.take(n)
+            if kind == _DATA:
+                self._pread_views(sub, a, n)
+            elif kind == _ZERO:
+                _zero_views(sub)
+            elif kind == _BACK:
+                self._read_backing(sub, goff, n)
+            else:
+                data = self._decompress(a, b)
+                pos = c
+                for v in sub:
+                    v[:] = data[pos:pos + len(v)]
+                    pos += len(v)
+
+    def _pread_views(self, sub: list[memoryview], host: int, n: int) -> None:
+        got = os.preadv(self._fd, sub, host) if len(sub) <= 1024 else 0
+        if got >= n:
+            return
+        # short (past the end of the file: zeros) or too many views: go piecewise
+        pos = 0
+        for v in sub:
+            ln = len(v)
+            if pos + ln <= got:
+                pos += ln
+                continue
+            skip = max(0, got - pos)
+            part = v[skip:]
+            done = 0
+            while done < len(part):
+                r = os.preadv(self._fd, [part[done:]], host + pos + skip + done)
+                if r <= 0:
+                    part[done:] = bytes(len(part) - done)
+                    break
+                done += r
+            pos += ln
+
+    def _read_backing(self, sub: list[memoryview], goff: int, n: int) -> None:
+        bk = self.backing
+        m = 0 if bk is None else max(0, min(n, bk.size - goff))
+        if m == n and bk is not None:
+            bk.readv(sub, goff)
+            return
+        cur = _Cursor(sub)
+        if m and bk is not None:
+            bk.readv(cur.take(m), goff)
+        _zero_views(cur.take(n - m))  # past the backing file's end: zeros
+
+    def _decompress(self, coff: int, csize: int) -> bytes:
+        cs = self.cluster_size
+        data = os.pread(self._fd, csize, coff)
+        if len(data) < csize:
+            raise self._corrupt(f"compressed cluster at 0x{coff:x} runs past the end of the file")
+        try:
+            if self.compression_type == "zstd":
+                import io
+
+                import zstandard
+
+                out = zstandard.ZstdDecompressor().stream_reader(
+                    io.BytesIO(data), read_across_frames=False).read(cs)
+            else:
+                out = zlib.decompressobj(-12).decompress(data, cs)
+        except Exception as exc:  # zlib.error, zstandard.ZstdError: damaged data
+            raise self._corrupt(f"compressed cluster at 0x{coff:x}: {exc}") from None
+        if len(out) != cs:
+            raise self._corrupt(f"compressed cluster at 0x{coff:x} is not one cluster")
+        return out
+
+    # --------------------------------------------------------------- writes
+
+    def _pwrite_views(self, sub: list[memoryview], host: int, n: int) -> None:
+        done = os.pwritev(self._fd, sub, host) if len(sub) <= 1024 else 0
+        if done < n:
+            data = b"".join(sub)
+            while done < n:
+                done += os.pwrite(self._fd, data[done:], host + done)
+
+    def _pwrite_all(self, data: bytes | bytearray, host: int) -> None:
+        """Write new clusters (data or metadata); under _lock."""
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._fd, memoryview(data)[done:], host + done)
+        self._file_end = max(self._file_end, host + done)
+
+    def _inplace_runs(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """Host runs when every cluster of the range is ours to overwrite, else None."""
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        runs: list[tuple[int, int]] = []
+        off = offset
+        end = offset + length
+        while off < end:
+            inoff = off & (cs - 1)
+            n = min(cs - inoff, end - off)
+            e = self._entry(off >> cb)[0]
+            if not e & COPIED or e & (COMPRESSED | ZERO_FLAG):
+                return None
+            host = e & OFFSET_MASK
+            if not host:
+                return None
+            self._check_host(host, "a data cluster")
+            if runs and runs[-1][0] + runs[-1][1] == host + inoff:
+                runs[-1] = (runs[-1][0], runs[-1][1] + n)
+            else:
+                runs.append((host + inoff, n))
+            off += n
+        return runs
+
+    def _mark_dirty(self) -> None:
+        """Lazy refcounts: the dirty bit goes to disk before the first change."""
+        if self.lazy_refcounts and not self._dirty_on_disk:
+            self._h.incompatible |= INCOMPAT_DIRTY
+            os.pwrite(self._fd, _Q.pack(self._h.incompatible), 72)
+            os.fdatasync(self._fd)
+            self._dirty_on_disk = True
+
+    def _write_allocating(self, offset: int, length: int, cur: _Cursor) -> None:
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        off = offset
+        end = offset + length
+        while off < end:
+            inoff = off & (cs - 1)
+            n = min(cs - inoff, end - off)
+            sub = cur.take(n)
+            gci = off >> cb
+            e = self._entry(gci)[0]
+            host = e & OFFSET_MASK
+            if e & COPIED and host and not e & (COMPRESSED | ZERO_FLAG):
+                self._check_host(host, "a data cluster")
+                self._pwrite_views(sub, host + inoff, n)
+                off += n
+                continue
+            reuse = 0
+            if n == cs:
+                buf: bytes | bytearray = b"".join(sub)
+            else:
+                buf = bytearray(cs)
+                if e & COPIED and host and e & ZERO_FLAG and not e & COMPRESSED:
+                    reuse = host  # "zero, allocated": ours, reads as zeros so far
+                elif not (e & ZERO_FLAG and self._v3_zero and not e & COMPRESSED):
+                    self._exec_read([memoryview(buf)], self._map(gci << cb, cs))
+                buf[inoff:inoff + n] = b"".join(sub)
+            if e & COPIED and host and e & ZERO_FLAG and not e & COMPRESSED:
+                reuse = host
+            if reuse:
+                self._check_host(reuse, "a data cluster")
+                new = reuse
+            else:
+                new = self._alloc_cluster() << cb
+            self._pwrite_all(buf, new)
+            self._set_entry(gci, new | COPIED)
+            if not reuse:
+                self._free_entry(e)
+            off += n
+
+    def _write_real_zeros(self, offset: int, length: int) -> None:
+        chunk = 1 << 20
+        zeros = memoryview(bytes(min(chunk, length)))
+        while length > 0:
+            n = min(chunk, length)
+            self.writev([zeros[:n]], offset)
+            offset += n
+            length -= n
+
+    def _whole_clusters(self, offset: int, length: int) -> tuple[int, int]:
+        cs = self.cluster_size
+        start = -(-offset // cs) * cs
+        end = (offset + length) // cs * cs
+        if offset + length == self.size:
+            end = -(-self.size // cs) * cs  # the tail cluster counts as whole
+        return start, end
+
+    def _set_range(self, start: int, end: int, *, zero: bool, unmap: bool) -> None:
+        """Discard (zero=False: unallocated) or zero whole clusters [start, end)."""
+        cb = self.cluster_bits
+        no_backing = self.backing_name is None
+        gci = start >> cb
+        stop = end >> cb
+        while gci < stop:
+            l1i = gci >> self._l2_bits
+            if l1i >= self._h.l1_size:
+                break
+            if not _Q.unpack_from(self._l1, l1i * 8)[0] & OFFSET_MASK and (not zero or no_backing):
+                gci = (l1i + 1) << self._l2_bits  # no L2 table: already unallocated
+                continue
+            e = self._entry(gci)[0]
+            host = e & OFFSET_MASK
+            if zero and self._v3_zero:
+                if not unmap and e & COPIED and host and not e & COMPRESSED:
+                    new = host | COPIED | ZERO_FLAG  # keep the allocation
+                else:
+                    new = ZERO_FLAG if not no_backing or e else 0
+            else:
+                new = 0
+            if new != e:
+                self._set_entry(gci, new)
+                if not new & OFFSET_MASK:
+                    self._free_entry(e)
+            gci += 1
+
+    def _free_entry(self, e: int) -> None:
+        """Queue the host clusters an old L2 entry held (applied in flush)."""
+        cb = self.cluster_bits
+        if e & COMPRESSED:
+            coff = e & ((1 << self._csize_shift) - 1)
+            csize = (((e >> self._csize_shift) & self._csize_mask) + 1) * 512 - (coff & 511)
+            self._pending_frees.extend(range(coff >> cb, ((coff + csize - 1) >> cb) + 1))
+        elif e & OFFSET_MASK:
+            self._pending_frees.append((e & OFFSET_MASK) >> cb)
+
+    def _bound_frees(self) -> None:
+        if len(self._pending_frees) > _MAX_PENDING_FREES:
+            self._drain()
+            self._flush_locked()
+
+    def _set_entry(self, gci: int, value: int) -> None:
+        self._hot.pop(gci, None)
+        tbl, l2off = self._l2_for_write(gci >> self._l2_bits)
+        _Q.pack_into(tbl, (gci & (self._l2_entries - 1)) * 8, value)
+        self._l2_dirty.add(l2off)
+
+    def _l2_for_write(self, l1i: int) -> tuple[bytearray, int]:
+        """The L2 table of L1 entry ``l1i``, ours to modify (new or copied if need be)."""
+        l1e = _Q.unpack_from(self._l1, l1i * 8)[0]
+        old = l1e & OFFSET_MASK
+        if old and l1e & COPIED:
+            return self._l2_table(old), old
+        if old and self._get_refcount(old >> self.cluster_bits) == 1:
+            tbl = self._l2_table(old)
+            self._write_l1(l1i, old | COPIED)
+            return tbl, old
+        new = self._alloc_cluster() << self.cluster_bits
+        tbl = bytearray(self._l2_table(old)) if old else bytearray(self.cluster_size)
+        # its refcount, then the table itself, reach the disk before the L1 entry
+        self._write_refblocks()
+        self._pwrite_all(tbl, new)
+        os.fdatasync(self._fd)
+        self._write_l1(l1i, new | COPIED)
+        self._cache_insert_l2(new, tbl)
+        if old:
+            self._l2_cache.pop(old, None)
+            self._l2_dirty.discard(old)
+            self._pending_frees.append(old >> self.cluster_bits)
+        return tbl, new
+
+    def _write_l1(self, l1i: int, value: int) -> None:
+        _Q.pack_into(self._l1, l1i * 8, value)
+        os.pwrite(self._fd, _Q.pack(value), self._h.l1_table_offset + l1i * 8)
+        self._data_dirty = True  # flush must sync it before frees it allows are applied
+
+    def _write_refblocks(self) -> bool:
+        if not self._rb_dirty:
+            return False
+        for off in sorted(self._rb_dirty):
+            self._pwrite_all(self._rb_cache[off], off)
+        self._rb_dirty.clear()
+        return True
+
+    def _write_l2(self, offsets: list[int]) -> None:
+        """Write dirty L2 tables: the refcounts they depend on go first."""
+        if self._write_refblocks():
+            os.fdatasync(self._fd)
+        elif self._data_dirty:
+            os.fdatasync(self._fd)  # the guest data they map goes first too
+        self._data_dirty = False
+        for off in offsets:
+            self._pwrite_all(self._l2_cache[off], off)
+            self._l2_dirty.discard(off)
+
+    def _flush_locked(self) -> None:
+        synced = False
+        if self._rb_dirty:
+            self._write_refblocks()
+            os.fdatasync(self._fd)
+            synced = True
+        if self._l2_dirty:
+            self._write_l2(sorted(self._l2_dirty))
+            os.fdatasync(self._fd)
+            synced = True
+        if self._data_dirty and not synced:
+            os.fdatasync(self._fd)
+        self._data_dirty = False
+        # every L2 change is on disk now: the clusters they dropped may go
+        if self._pending_frees and not self._inflight:
+            frees, self._pending_frees = self._pending_frees, []
+            for ci in frees:
+                r = self._get_refcount(ci)
+                if r == 0:
+                    log.warning("%s: freeing cluster %d whose refcount is already 0",
+                                self.path, ci)
+                    continue
+                self._set_refcount(ci, r - 1)
+                if r == 1 and ci < self._free_cursor:
+                    self._free_cursor = ci
+
+    # ------------------------------------------------------------ refcounts
+
+    def _rb_offset(self, ti: int) -> int:
+        if ti >= self._rt_entries:
+            return 0
+        off: int = _Q.unpack_from(self._rt, ti * 8)[0] & REFTABLE_MASK
+        if off and (off & (self.cluster_size - 1) or off >= MAX_HOST_OFFSET):
+            raise self._corrupt(f"refcount block offset 0x{off:x} is invalid")
+        return off
+
+    def _refblock(self, off: int) -> bytearray:
+        blk = self._rb_cache.get(off)
+        if blk is not None:
+            self._rb_cache.move_to_end(off)
+            return blk
+        self._check_host(off, "a refcount block")
+        blk = self._pread_meta(off)
+        self._rb_insert(off, blk)
+        return blk
+
+    def _rb_insert(self, off: int, blk: bytearray) -> None:
+        cache = self._rb_cache
+        while len(cache) >= self._rb_max:
+            old = next(iter(cache))
+            if old in self._rb_dirty:
+                # an early refcount write is always safe: increments may only
+                # leak, and decrements are applied after their L2 change is on disk
+                self._pwrite_all(cache[old], old)
+                self._rb_dirty.discard(old)
+            del cache[old]
+        cache[off] = blk
+
+    def _get_refcount(self, ci: int) -> int:
+        off = self._rb_offset(ci >> self._rb_bits)
+        if not off:
+            return 0
+        return self._rb_get(self._refblock(off), ci & ((1 << self._rb_bits) - 1))
+
+    def _rb_get(self, blk: bytearray, i: int) -> int:
+        bits = self.refcount_bits
+        if bits >= 8:
+            nb = bits >> 3
+            return int.from_bytes(blk[i * nb:(i + 1) * nb], "big")
+        per = 8 // bits
+        return blk[i // per] >> ((i % per) * bits) & self._ref_max
+
+    def _set_refcount(self, ci: int, value: int) -> None:
+        if value > self._ref_max or value < 0:
+            raise self._corrupt(f"refcount of cluster {ci} would overflow")
+        off = self._rb_offset(ci >> self._rb_bits)
+        if not off:
+            raise self._corrupt(f"no refcount block for cluster {ci}")
+        blk = self._refblock(off)
+        i = ci & ((1 << self._rb_bits) - 1)
+        bits = self.refcount_bits
+        if bits >= 8:
+            nb = bits >> 3
+            blk[i * nb:(i + 1) * nb] = value.to_bytes(nb, "big")
+        else:
+            per = 8 // bits
+            shift = (i % per) * bits
+            blk[i // per] = (blk[i // per] & ~(self._ref_max << shift) & 0xFF) | (value << shift)
+        self._rb_dirty.add(off)
+
+    def _find_free(self, ci: int) -> int:
+        """The first cluster at or after ``ci`` with refcount 0."""
+        limit = MAX_HOST_OFFSET >> self.cluster_bits
+        rbb = self._rb_bits
+        bits = self.refcount_bits
+        while ci < limit:
+            off = self._rb_offset(ci >> rbb)
+            if not off:
+                return ci
+            blk = self._refblock(off)
+            i = ci & ((1 << rbb) - 1)
+            if bits >= 8:
+                nb = bits >> 3
+                zero = bytes(nb)
+                pos = i * nb
+                while True:
+                    pos = blk.find(zero, pos)
+                    if pos < 0:
+                        break
+                    if pos % nb == 0:
+                        return (ci & ~((1 << rbb) - 1)) + pos // nb
+                    pos += nb - pos % nb
+            else:
+                for j in range(i, 1 << rbb):
+                    if not self._rb_get(blk, j):
+                        return (ci & ~((1 << rbb) - 1)) + j
+            ci = ((ci >> rbb) + 1) << rbb
+        raise OSError(errno.ENOSPC, f"{self.path}: no free cluster below 2^56")
+
+    def _alloc_cluster(self) -> int:
+        """A free host cluster, its refcount set to 1 (in the cache); its index."""
+        ci = self._free_cursor
+        while True:
+            ci = self._find_free(ci)
+            # a refcount of 0 on the header or a table we hold is damage, not room
+            self._check_host(ci << self.cluster_bits, "a free cluster", eof=False)
+            ti = ci >> self._rb_bits
+            if ti >= self._rt_entries:
+                self._grow_reftable(ti)
+                continue
+            if not self._rb_offset(ti):
+                # a new refcount block, self-describing: it takes the first
+                # cluster of the range it covers that is free (all of it is)
+                self._new_refblock(ti, ci)
+                ci += 1
+                continue
+            self._set_refcount(ci, 1)
+            self._free_cursor = ci + 1
+            return ci
+
+    def _new_refblock(self, ti: int, ci: int) -> None:
+        cb = self.cluster_bits
+        blk = bytearray(self.cluster_size)
+        off = ci << cb
+        self._rb_insert(off, blk)
+        self._pwrite_all(blk, off)  # zeros first: the rt entry must never see garbage
+        _Q.pack_into(self._rt, ti * 8, off)
+        self._set_refcount(ci, 1)
+        self._write_refblocks()
+        os.fdatasync(self._fd)
+        os.pwrite(self._fd, _Q.pack(off), self._h.refcount_table_offset + ti * 8)
+
+    def _grow_reftable(self, ti_needed: int) -> None:
+        """Move the refcount table to a bigger one at the end of what it covers,
+        with new refcount blocks describing the table and themselves."""
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        rbb = self._rb_bits
+        per_rt = cs // 8
+        old_clusters = len(self._rt) // cs
+        # everything refcounted lies below the old coverage, so from there on all is free
+        start = self._rt_entries << rbb
+        n_rt = max(old_clusters * 2, -(-(ti_needed + 1) // per_rt))
+        n_blocks = 0
+        while True:
+            last = start + n_rt + n_blocks - 1
+            need_blocks = (last >> rbb) - (start >> rbb) + 1
+            need_rt = -(-((last >> rbb) + 1) // per_rt)
+            if need_blocks == n_blocks and need_rt <= n_rt:
+                break
+            n_blocks = need_blocks
+            n_rt = max(n_rt, need_rt)
+        if n_rt * cs > 8 << 20:
+            raise OSError(errno.EFBIG, f"{self.path}: the refcount table would exceed 8 MiB")
+        new_rt = bytearray(n_rt * cs)
+        new_rt[:len(self._rt)] = self._rt
+        blocks: dict[int, bytearray] = {}
+        bstart = start + n_rt
+        for k in range(n_blocks):
+            ti = (start >> rbb) + k
+            boff = (bstart + k) << cb
+            _Q.pack_into(new_rt, ti * 8, boff)
+            blocks[ti] = bytearray(cs)
+        saved_rt, saved_entries = self._rt, self._rt_entries
+        self._rt, self._rt_entries = new_rt, len(new_rt) // 8
+        for k, ti in enumerate(sorted(blocks)):
+            self._rb_insert((bstart + k) << cb, blocks[ti])
+            self._rb_dirty.add((bstart + k) << cb)  # never dropped unwritten from the cache
+        for ci in range(start, bstart + n_blocks):
+            self._set_refcount(ci, 1)
+        try:
+            self._write_refblocks()
+            self._pwrite_all(new_rt, start << cb)
+            os.fdatasync(self._fd)
+            os.pwrite(self._fd, struct.pack(">QI", start << cb, n_rt), 48)
+            os.fdatasync(self._fd)
+        except BaseException:
+            self._rt, self._rt_entries = saved_rt, saved_entries
+            raise
+        old_off = self._h.refcount_table_offset
+        self._h.refcount_table_offset = start << cb
+        self._h.refcount_table_clusters = n_rt
+        self._update_bounds()
+        self._pending_frees.extend(range(old_off >> cb, (old_off >> cb) + old_clusters))
+
+    # --------------------------------------------------------------- resize
+
+    def _grow(self, new_size: int) -> None:
+        h = self._h
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        need = -(-new_size // (cs * self._l2_entries))
+        if need * 8 > 32 << 20:
+            raise DiskError(f"{self._what}: size {new_size} needs an L1 table above 32 MiB")
+        old_bytes = h.l1_size * 8
+        room = -(-old_bytes // cs) * cs if h.l1_size else 0
+        if need > h.l1_size and need * 8 > room:
+            n = -(-need * 8 // cs)
+            # a contiguous run: allocate one by one until n in a row come out
+            run: list[int] = []
+            while len(run) < n:
+                ci = self._alloc_cluster()
+                if run and ci != run[-1] + 1:
+                    self._pending_frees.extend(run)
+                    run = []
+                run.append(ci)
+            new_l1 = bytearray(n * cs)
+            new_l1[:old_bytes] = self._l1
+            off = run[0] << cb
+            self._write_refblocks()
+            self._pwrite_all(new_l1, off)
+            os.fdatasync(self._fd)
+            os.pwrite(self._fd, struct.pack(">QIIQ", new_size, 0, need, off), 24)
+            os.fdatasync(self._fd)
+            old_off = h.l1_table_offset
+            if h.l1_size:
+                self._pending_frees.extend(range(old_off >> cb, (old_off >> cb) + room // cs))
+            h.l1_table_offset = off
+            self._l1 = bytearray(new_l1[:need * 8])
+            h.l1_size = need
+        else:
+            if need > h.l1_size:
+                os.pwrite(self._fd, bytes((need - h.l1_size) * 8), h.l1_table_offset + old_bytes)
+                os.fdatasync(self._fd)
+                self._l1 += bytes((need - h.l1_size) * 8)
+                h.l1_size = need
+            os.pwrite(self._fd, struct.pack(">QIIQ", new_size, 0, h.l1_size, h.l1_table_offset), 24)
+            os.fdatasync(self._fd)
+        h.size = new_size
+        self.size = new_size
+        self._update_bounds()
