@@ -11,8 +11,8 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 import sys
+import time
 from contextlib import closing
 from pathlib import Path
 

@@ -310,7 +310,8 @@ def test_random_writes_match_model(tmp_path: Path, version: int, cluster: int, r
     compare(img, model, tmp_path)
 
 
-def test_cow_over_backing_chain(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [3, 2])
+def test_cow_over_backing_chain(tmp_path: Path, version: int) -> None:
     base = tmp_path / "base.raw"
     base_data = pattern_raw(base, 3 * MiB, seed=3)
     mid = tmp_path / "mid.qcow2"
@@ -318,7 +319,8 @@ def test_cow_over_backing_chain(tmp_path: Path) -> None:
         "-F", "raw", str(mid), "3M")
     qio(mid, "write -P 0x44 8k 16k", "write -z 64k 8k")
     top = tmp_path / "top.qcow2"
-    create_qcow2(top, 4 * MiB, cluster_size=4096, backing="mid.qcow2", backing_format="qcow2")
+    create_qcow2(top, 4 * MiB, cluster_size=4096, backing="mid.qcow2", backing_format="qcow2",
+                 version=version)
     model = bytearray(as_raw(mid, tmp_path)) + bytearray(MiB)
     assert bytes(model[:3 * MiB]) != base_data
     d = open_q(top)
@@ -337,13 +339,14 @@ def test_cow_over_backing_chain(tmp_path: Path) -> None:
                 d.write_zeroes(off, n, unmap=True)
                 model[off:off + n] = bytes(n)
             else:
-                d.discard(off, n)  # whole clusters fall back to the backing chain
+                # whole clusters read as zeros (v3: zero flag); v2 has no zero
+                # flag, so QEMU's discard does nothing there (never the backing data)
+                d.discard(off, n)
                 s, e = -(-off // 4096) * 4096, (off + n) // 4096 * 4096
                 if off + n == 4 * MiB:
                     e = 4 * MiB
-                if s < e:
-                    below = as_raw(mid, tmp_path) + bytes(MiB)
-                    model[s:e] = below[s:e]
+                if s < e and version == 3:
+                    model[s:e] = bytes(e - s)
         assert read_all(d) == bytes(model)
     finally:
         d.close()
@@ -857,3 +860,266 @@ def test_unknown_header_extension_kept(tmp_path: Path) -> None:
     d.set_backing(None, None)
     d.close()
     check_clean(img)
+
+
+# ------------------------------------------- discard, cache=none, punch, resize
+
+
+def _qmap(path: Path) -> list[tuple[int, bool, bool, bool, int]]:
+    """qemu-img map per 4 KiB cluster: (start, data, zero, present, depth)."""
+    out = []
+    for m in json.loads(run("qemu-img", "map", "--output", "json", str(path))):
+        for c in range(m["start"], m["start"] + m["length"], 4096):
+            out.append((c, m["data"], m["zero"], m["present"], m["depth"]))
+    return out
+
+
+@pytest.mark.parametrize("version,backing,full", [
+    (3, True, False), (2, True, False), (3, False, False), (3, True, True),
+])
+def test_discard_semantics_as_qemu(tmp_path: Path, version: int, backing: bool,
+                                   full: bool) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x5a" * 2 * MiB)
+    kw: dict[str, object] = {"backing": "base.raw", "backing_format": "raw"} if backing else {}
+    ops = ["write -P 0x11 0 256k", "write -P 0x22 1M 64k"]
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    for p in (ours, theirs):
+        create_qcow2(p, 2 * MiB, cluster_size=4096, version=version, **kw)  # type: ignore[arg-type]
+        qio(p, *ops)
+    # QEMU's discard (qemu-io's discard is a guest discard, not a full one)
+    qio(theirs, "discard 64k 128k", "discard 1M 64k", "discard 1536k 64k")
+    d = open_q(ours)
+    try:
+        for off, n in ((64 * 1024, 128 * 1024), (MiB, 65536), (1536 * 1024, 65536)):
+            d.discard(off, n, full=full)
+        got = read_all(d)
+    finally:
+        d.close()
+    check_clean(ours)
+    below = b"\x5a" if backing else b"\0"
+    model = bytearray(below * 2 * MiB)
+    model[0:256 * 1024] = b"\x11" * 256 * 1024
+    model[MiB:MiB + 65536] = b"\x22" * 65536
+    if full or version == 3 or not backing:  # v2 over a backing file: nothing happens
+        for off, n in ((64 * 1024, 128 * 1024), (MiB, 65536), (1536 * 1024, 65536)):
+            model[off:off + n] = (below if full or not backing else b"\0") * n
+    assert got == bytes(model)
+    run("qemu-img", "compare", "-F", "raw", str(ours), str(_write(tmp_path / "m.raw", model)))
+    if not full:
+        if backing:
+            assert _qmap(ours) == _qmap(theirs)  # the same entries as QEMU's
+        else:  # QEMU makes them "zero" entries, we unallocated (as asked): the same reads
+            run("qemu-img", "compare", str(ours), str(theirs))
+    else:  # full: nothing of ours left in the discarded ranges
+        m = {c: (data, present, depth) for c, data, _z, present, depth in _qmap(ours)}
+        assert m[64 * 1024][2] == 1 and m[MiB][2] == 1
+
+
+def _o_direct_dir() -> Path:
+    """A directory on a file system with O_DIRECT (tmpfs has none)."""
+    import tempfile
+
+    for cand in (Path.home() / ".cache" / "pyvirt", Path("/var/tmp")):
+        try:
+            cand.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=cand)
+        except OSError:
+            continue
+        try:
+            os.close(fd)
+            fd = os.open(name, os.O_RDWR | os.O_DIRECT)
+            os.close(fd)
+            return cand
+        except OSError:
+            pass
+        finally:
+            os.unlink(name)
+    raise AssertionError("no directory with O_DIRECT support for the cache=none test")
+
+
+@pytest.fixture
+def direct_dir() -> Iterator[Path]:
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="qcow2-direct-", dir=_o_direct_dir()))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("cluster", [65536, 1024])
+def test_cache_none_uses_o_direct(direct_dir: Path, tmp_path: Path, cluster: int,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    import pyvirt.disk.qcow2 as qmod
+    from pyvirt.disk.open import open_disk
+
+    direct_io: dict[str, int] = {"preadv": 0, "pwritev": 0}
+    data_fds: set[int] = set()
+
+    class CountingOs:  # data transfers that really went through the O_DIRECT fd
+        def __getattr__(self, name: str) -> object:
+            real = getattr(os, name)
+            if name not in direct_io:
+                return real
+
+            def call(fd: int, *a: object) -> object:
+                got = real(fd, *a)
+                if fd in data_fds:
+                    direct_io[name] += 1
+                return got
+            return call
+
+    monkeypatch.setattr(qmod, "os", CountingOs())
+
+    base = direct_dir / "base.raw"
+    base_data = pattern_raw(base, 4 * MiB, seed=11)
+    img = direct_dir / "d.qcow2"
+    create_qcow2(img, 4 * MiB, cluster_size=cluster, backing="base.raw", backing_format="raw")
+    d = open_disk(img, format="qcow2", direct=True)
+    assert isinstance(d, Qcow2Disk)
+    data_fds.add(d._dfd)
+    try:
+        assert d.direct
+        assert fcntl.fcntl(d._dfd, fcntl.F_GETFL) & os.O_DIRECT  # guest data: direct
+        assert not fcntl.fcntl(d._fd, fcntl.F_GETFL) & os.O_DIRECT  # metadata: buffered
+        assert not d.read_cached([memoryview(bytearray(4096))], 0)
+        model = bytearray(base_data)
+        r = random.Random(cluster)
+        for _ in range(300):
+            off = r.randrange(0, 4 * MiB // 512) * 512
+            n = min(4 * MiB - off, r.randrange(1, 300) * 512)
+            op = r.random()
+            if op < 0.6:
+                # page-aligned (direct as is) and misaligned (bounce) guest buffers
+                raw = bytearray(n + 1) if r.random() < 0.5 else bytearray(n)
+                raw[:n] = r.randbytes(n)
+                mv = memoryview(raw)[len(raw) - n:]
+                d.writev([mv], off)
+                model[off:off + n] = raw[len(raw) - n:]
+            elif op < 0.75:
+                d.write_zeroes(off, n, unmap=r.random() < 0.5)
+                model[off:off + n] = bytes(n)
+            elif op < 0.85:
+                d.discard(off, n)  # v3 over a backing file: zeros
+                s, e = -(-off // cluster) * cluster, (off + n) // cluster * cluster
+                if s < e:
+                    model[s:e] = bytes(e - s)
+            elif op < 0.95:
+                buf = bytearray(n + 1)
+                d.readv([memoryview(buf)[1:]], off)
+                assert buf[1:] == model[off:off + n]
+            else:
+                d.flush()
+        assert read_all(d) == bytes(model)
+    finally:
+        d.close()
+    assert direct_io["preadv"] > 50 and direct_io["pwritev"] > 50, direct_io
+    check_clean(img)
+    run("qemu-img", "compare", "-F", "raw", str(img), str(_write(tmp_path / "m.raw", model)))
+
+
+def _allocated(path: Path, start: int, end: int) -> int:
+    """Bytes of [start, end) of a file that are not holes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        total, off = 0, start
+        while off < end:
+            try:
+                data = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:
+                break
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            total += hole - data
+            off = hole
+        return total
+    finally:
+        os.close(fd)
+
+
+def test_freed_clusters_are_punched(tmp_path: Path) -> None:
+    img = tmp_path / "p.qcow2"
+    create_qcow2(img, 64 * MiB)
+    d = open_q(img)
+    try:
+        data = random.Random(1).randbytes(MiB)
+        for off in range(0, 32 * MiB, MiB):
+            d.writev([memoryview(data)], off)
+        d.flush()
+        before = os.stat(img).st_blocks * 512
+        assert before >= 32 * MiB
+        d.discard(0, 30 * MiB)  # guest discard (no backing file: unallocated)
+        d.flush()
+        after = os.stat(img).st_blocks * 512
+        assert after < before - 29 * MiB, (before, after)
+        assert read_all(d)[:31 * MiB] == bytes(30 * MiB) + data[:MiB]
+    finally:
+        d.close()
+    check_clean(img)
+    # COW replacing clusters: compressed clusters overwritten give their space back
+    src = tmp_path / "s.raw"
+    r = random.Random(3)
+    src.write_bytes(b"".join(r.randbytes(2048) + bytes(2048) for _ in range(16 * MiB // 4096)))
+    comp = tmp_path / "c.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", str(src), str(comp))
+    old_end = os.stat(comp).st_size
+    meta_end = 5 * 65536  # header, refcount table and block, L1, L2: below 5 clusters
+    assert _allocated(comp, meta_end, old_end) > 7 * MiB  # about half of 16 MiB
+    d = open_q(comp)
+    try:
+        fresh = r.randbytes(16 * MiB)
+        d.writev([memoryview(fresh)], 0)  # every new cluster lies past old_end
+        d.flush()
+        assert read_all(d) == fresh
+    finally:
+        d.close()
+    check_clean(comp)
+    assert _allocated(comp, meta_end, old_end) < MiB  # the old compressed clusters: holes
+
+
+@pytest.mark.parametrize("version,old", [(3, MiB), (2, MiB), (3, MiB + 1536)])
+def test_resize_over_a_larger_backing_file_reads_zeros(tmp_path: Path, version: int,
+                                                       old: int) -> None:
+    base = tmp_path / "b.raw"
+    base.write_bytes(b"\x5a" * 3 * MiB)
+    img = tmp_path / "g.qcow2"
+    create_qcow2(img, old, backing="b.raw", backing_format="raw", version=version)
+    d = open_q(img)
+    try:
+        d.writev([memoryview(b"\x01" * 4096)], old - 4096)  # COW of the last cluster
+        d.resize(4 * MiB)
+        got = read_all(d)
+    finally:
+        d.close()
+    model = bytearray(b"\x5a" * old + bytes(4 * MiB - old))
+    model[old - 4096:old] = b"\x01" * 4096
+    assert got == bytes(model)
+    check_clean(img)
+    run("qemu-img", "compare", "-F", "raw", str(img), str(_write(tmp_path / "m.raw", model)))
+
+
+def test_img_resize_and_commit_as_qemu_img(tmp_path: Path) -> None:
+    from tests.conftest import run_pyvirt
+
+    base = tmp_path / "b.raw"
+    base.write_bytes(b"\x5a" * 3 * MiB)
+    img = tmp_path / "g.qcow2"
+    create_qcow2(img, MiB, backing="b.raw", backing_format="raw")
+    out = run_pyvirt("img", "resize", str(img), "+2M", timeout=120)
+    assert out.returncode == 0, out.stderr
+    model = b"\x5a" * MiB + bytes(2 * MiB)
+    run("qemu-img", "compare", "-F", "raw", str(img), str(_write(tmp_path / "m.raw", model)))
+    # commit empties the top with a full discard: nothing of it left, it reads as the base
+    qio(img, "write -P 0x33 0 128k")
+    out = run_pyvirt("img", "commit", str(img), timeout=120)
+    assert out.returncode == 0, out.stderr
+    check_clean(img)
+    top = json.loads(run("qemu-img", "map", "--output", "json", str(img)))
+    assert not [e for e in top if e["depth"] == 0 and e["present"]], top
+    run("qemu-img", "compare", str(img), str(base))

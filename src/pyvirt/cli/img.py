@@ -615,7 +615,7 @@ def resize(ctx: click.Context, fmt: str | None, shrink: bool, filename: Path, si
     def go() -> int:
         sign = size[:1] if size[:1] in "+-" else ""
         amount = parse_size(size[1:] if sign else size)
-        disk = _open(filename, fmt, readonly=False, backing=False)
+        disk = _open(filename, fmt, readonly=False)  # with its chain: growth reads as zeros
         try:
             new = disk.size + amount if sign == "+" else disk.size - amount if sign else amount
             if new <= 0:
@@ -669,7 +669,7 @@ def commit(ctx: click.Context, fmt: str | None, keep: bool, progress: bool,
             finally:
                 base.close()
             if not keep:
-                top.discard(0, top.size)
+                q.discard(0, top.size, full=True)  # unallocated: reads through the base
                 top.flush()
         finally:
             top.close()

@@ -119,9 +119,9 @@ class DiskBackend(Protocol):
         """Make every completed write durable (data and metadata)."""
 
     def discard(self, offset: int, length: int) -> None:
-        """The guest no longer needs this range (reads may then return zeros
-        or the backing file's data: qcow2 discards to "unallocated" where a
-        backing file exists, as QEMU does)."""
+        """The guest no longer needs this range (a hint: reads may then return
+        zeros or the old data, never a backing file's older data; qcow2 as
+        QEMU: v3 over a backing file reads zeros)."""
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool) -> None:
         """Make the range read as zeros (``unmap``: may free the space)."""

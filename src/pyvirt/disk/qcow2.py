@@ -20,6 +20,25 @@ QEMU): the L2 and refcount-block caches are write-back, and
   ``flush`` after the L2 sync, and only when no unlocked data I/O is in flight
   (so a freed cluster is never reused while a read or write still targets it).
 
+Freed host clusters (refcount 0) are punched out of the host file
+(``fallocate`` PUNCH_HOLE, as QEMU's ``pass-discard-request=on``) when the
+free is applied, so the host file gives the space back.
+
+``cache=none`` (O_DIRECT): the image file's fd (``ImageFile.fd``, which holds
+the OFD lock) keeps O_DIRECT and carries guest data of allocated clusters
+(reads, in-place writes, whole-cluster allocating writes; an unaligned buffer
+goes through an aligned bounce buffer, and a range the device cannot do
+directly through the page cache). A second open file description of the same
+file without O_DIRECT (``/proc/self/fd/N``) carries metadata, COW-assembled
+clusters and compressed reads. The two stay coherent because Linux keeps direct
+and buffered I/O of one inode coherent per range: a direct read first writes
+back dirty cached pages of its range, a direct write writes them back and then
+invalidates them. So a cluster freed as metadata (written buffered) and reused
+for data (written direct) never has a stale cached page that could later
+overwrite it or be read instead of it, and a data cluster reused as metadata
+is read fresh from the disk; a punched range is dropped from the cache too.
+One ``fdatasync`` covers both descriptions (it syncs the inode).
+
 Threads: ``_lock`` guards every piece of metadata (caches, tables, the free
 queue). Reads and in-place writes of allocated clusters look up under it and do
 their data I/O outside it (counted in ``_inflight``); allocating writes,
@@ -30,8 +49,8 @@ file's own locks.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -115,14 +134,18 @@ class Qcow2Disk:
 
     format = "qcow2"
 
-    def __init__(self, file: ImageFile, header: Qcow2Header, *, what: str) -> None:
+    def __init__(self, file: ImageFile, header: Qcow2Header, *, what: str,
+                 meta_fd: int = -1) -> None:
         self._file = file
-        self._fd = file.fd
+        #: metadata, COW and compressed I/O (buffered); owned when not file.fd
+        self._fd = meta_fd if meta_fd >= 0 else file.fd
+        #: guest data of allocated clusters (file.fd: O_DIRECT under cache=none)
+        self._dfd = file.fd
         self._what = what
         self._h = header
         self.path = file.path
         self.readonly = file.readonly
-        self.direct = False  # O_DIRECT is dropped: metadata I/O is not block aligned
+        self.direct = self._dfd != self._fd
         self.identity = file.identity
         self.version = header.version
         self.cluster_bits = cb = header.cluster_bits
@@ -173,6 +196,8 @@ class Qcow2Disk:
         self._dirty_on_disk = self.dirty
         self._closed = False
         self._corrupt_logged = False
+        self._punch_ok = True  # until the file system says it cannot
+        self._punch_logged = False
 
     # ------------------------------------------------------------------ open
 
@@ -181,15 +206,16 @@ class Qcow2Disk:
              limits: ChainLimits) -> Qcow2Disk:
         """Open ``file`` (ownership passes here: closed on error and in ``close``)."""
         disk: Qcow2Disk | None = None
+        meta_fd = -1
         try:
             if file.direct:
-                flags = fcntl.fcntl(file.fd, fcntl.F_GETFL)
-                fcntl.fcntl(file.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-            header = cls._read_header(file, what)
+                meta_fd = cls._buffered_fd(file, what)
+            fd = meta_fd if meta_fd >= 0 else file.fd
+            header = cls._read_header(file, what, fd)
             if not file.readonly and header.incompatible & INCOMPAT_DIRTY:
-                cls._repair(file, what)
-                header = cls._read_header(file, what)
-            disk = cls(file, header, what=what)
+                cls._repair(file, what, fd)
+                header = cls._read_header(file, what, fd)
+            disk = cls(file, header, what=what, meta_fd=meta_fd)
             disk._setup(limits)
             if open_backing is not None and header.backing_name is not None:
                 name = header.backing_name
@@ -204,23 +230,47 @@ class Qcow2Disk:
         except BaseException:
             if disk is not None and disk.backing is not None:
                 disk.backing.close()
+            if meta_fd >= 0:
+                os.close(meta_fd)
             file.close()
             raise
 
     @staticmethod
-    def _read_header(file: ImageFile, what: str) -> Qcow2Header:
+    def _buffered_fd(file: ImageFile, what: str) -> int:
+        """A second open file description of ``file`` without O_DIRECT, for
+        metadata (not block aligned). It takes no lock: the image's OFD lock
+        belongs to ``file.fd``, open as long as this one (a record lock, the
+        fallback without OFD locks, drops when either closes: both close together)."""
+        flags = (os.O_RDONLY if file.readonly else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY
         try:
-            first = os.pread(file.fd, 4096, 0)
+            fd = os.open(f"/proc/self/fd/{file.fd}", flags)
+        except OSError as exc:
+            raise DiskError(f"{what}: {file.path}: cannot reopen for metadata I/O "
+                            f"(cache=none): {exc.strerror}") from None
+        try:
+            a, b = os.fstat(fd), os.fstat(file.fd)
+        except OSError as exc:
+            os.close(fd)
+            raise DiskError(f"{what}: {file.path}: {exc.strerror}") from None
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+            os.close(fd)
+            raise DiskError(f"{what}: {file.path}: reopening it gave another file")
+        return fd
+
+    @staticmethod
+    def _read_header(file: ImageFile, what: str, fd: int) -> Qcow2Header:
+        try:
+            first = os.pread(fd, 4096, 0)
             if len(first) >= 24 and 9 <= first[23] <= 21 and first[20:23] == b"\0\0\0":
                 cs = 1 << first[23]
                 if cs > len(first):
-                    first = os.pread(file.fd, cs, 0)
+                    first = os.pread(fd, cs, 0)
         except OSError as exc:
             raise DiskError(f"{what}: cannot read {file.path}: {exc.strerror}") from None
         return parse_header(first, what, file.host_size)
 
     @staticmethod
-    def _repair(file: ImageFile, what: str) -> None:
+    def _repair(file: ImageFile, what: str, fd: int) -> None:
         """A dirty image (lazy refcounts, not closed cleanly) opened writable:
         rebuild its refcounts first, as QEMU does."""
         try:
@@ -229,7 +279,7 @@ class Qcow2Disk:
             raise DiskError(f"{what}: {file.path} was not closed cleanly (dirty bit) and "
                             "cannot be repaired here; open it read-only") from None
         try:
-            check_qcow2(file.fd, repair="all", filename=str(file.path))
+            check_qcow2(fd, repair="all", filename=str(file.path))
         except (OSError, ValueError) as exc:
             raise DiskError(f"{what}: repairing the dirty image {file.path} failed: "
                             f"{exc}") from None
@@ -380,8 +430,7 @@ class Qcow2Disk:
                 self._inflight += 1
         if host:
             try:
-                if os.preadv(self._fd, views, host) < total:
-                    self._pread_views(views, host, total)
+                self._data_read(views, host, total)
             finally:
                 self._io_done()
             return
@@ -395,9 +444,9 @@ class Qcow2Disk:
 
     def read_cached(self, views: list[memoryview], offset: int) -> bool:
         """Only a read inside one plain data cluster whose L2 table is cached,
-        and only from the page cache (RWF_NOWAIT)."""
+        and only from the page cache (RWF_NOWAIT); never under cache=none."""
         total = sum(len(v) for v in views)
-        if offset < 0 or offset + total > self.size or self._closed or not total:
+        if self.direct or offset < 0 or offset + total > self.size or self._closed or not total:
             return False
         with self._lock:
             host = self._fast_host(offset, total, False)
@@ -432,7 +481,7 @@ class Qcow2Disk:
                 self._data_dirty = True
         if host:
             try:
-                self._pwrite_views(views, host, total)
+                self._data_write(views, host, total)
             finally:
                 self._io_done(True)
             return
@@ -448,7 +497,7 @@ class Qcow2Disk:
             self._inflight += 1
         try:
             for run_host, n in runs:
-                self._pwrite_views(cur.take(n), run_host, n)
+                self._data_write(cur.take(n), run_host, n)
         finally:
             self._io_done(True)
 
@@ -458,16 +507,23 @@ class Qcow2Disk:
         with self._lock:
             self._flush_locked()
 
-    def discard(self, offset: int, length: int) -> None:
+    def discard(self, offset: int, length: int, *, full: bool = False) -> None:
+        """Free the whole clusters of the range, as QEMU (qcow2_co_pdiscard,
+        discard_in_l2_slice): on a v3 image with a backing file they then read
+        as zeros (zero flag), never as the backing file's older data; without a
+        backing file, unallocated; a v2 image over a backing file has no zero
+        flag, so the discard does nothing (QEMU 7.2 answers ENOTSUP, which its
+        guest never sees). ``full`` (QEMU's full discard, ``img commit``
+        emptying the top image): always unallocated."""
         if self.readonly:
             raise PermissionError(errno.EROFS, f"{self.path} is open read-only")
         self._check_range(offset, length)
         start, end = self._whole_clusters(offset, length)
-        if start >= end:
+        if start >= end or (not full and not self._v3_zero and self.backing_name is not None):
             return  # a discard is a hint: partial clusters are left alone
         with self._lock:
             self._mark_dirty()
-            self._set_range(start, end, zero=False, unmap=True)
+            self._set_range(start, end, zero=False, unmap=True, full=full)
             self._bound_frees()
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool) -> None:
@@ -543,9 +599,16 @@ class Qcow2Disk:
         if new_size < self.size:
             self._shrink(new_size)
             return
+        old_size = self.size
         with self._lock:
             self._mark_dirty()
             self._grow(new_size)
+        # QEMU >= 5.1: the new area reads as zeros, not as a longer backing
+        # file's data (zero flags on v3; v2 gets real zeros). Opened without
+        # its backing file, keeping them consistent is the caller's business (as QEMU).
+        bk = self.backing
+        if bk is not None and bk.size > old_size and new_size > old_size:
+            self.write_zeroes(old_size, min(new_size, bk.size) - old_size, unmap=False)
 
     def _shrink(self, new_size: int) -> None:
         """Drop everything past ``new_size`` (as ``qemu-img resize --shrink``)."""
@@ -559,7 +622,7 @@ class Qcow2Disk:
         with self._lock:
             self._mark_dirty()
             h = self._h
-            self._set_range(tail, -(-old_size // cs) * cs, zero=False, unmap=True)
+            self._set_range(tail, -(-old_size // cs) * cs, zero=False, unmap=True, full=True)
             keep = -(-new_size // (cs * self._l2_entries))
             for l1i in range(keep, h.l1_size):
                 l2off = _Q.unpack_from(self._l1, l1i * 8)[0] & OFFSET_MASK
@@ -595,7 +658,11 @@ class Qcow2Disk:
                 if self.backing is not None:
                     self.backing.close()
             finally:
-                self._file.close()
+                try:
+                    if self._fd != self._dfd:
+                        os.close(self._fd)
+                finally:
+                    self._file.close()
 
     # --------------------------------------------------------- corruption
 
@@ -603,7 +670,7 @@ class Qcow2Disk:
         full = f"{self.path}: corrupt qcow2 image: {msg}"
         if not self._corrupt_logged:
             self._corrupt_logged = True
-            log.error("%s", full)
+            log.warning("%s", full)  # the image's fault, not ours: a warning, once
         return CorruptImage(full)
 
     def _check_host(self, host: int, what: str, eof: bool = True) -> None:
@@ -675,37 +742,42 @@ class Qcow2Disk:
         off = offset
         end = offset + length
         unmapped = _BACK if self.backing is not None else _ZERO
-        while off < end:
-            inoff = off & (cs - 1)
-            n = min(cs - inoff, end - off)
-            e, bm = self._entry(off >> cb)
-            if e & COMPRESSED:
-                coff = e & ((1 << self._csize_shift) - 1)
-                csize = (((e >> self._csize_shift) & self._csize_mask) + 1) * 512 - (coff & 511)
-                if coff < cs or coff + csize > MAX_HOST_OFFSET:
-                    raise self._corrupt(f"compressed cluster at 0x{coff:x} is invalid")
-                piece = (_COMP, off, n, coff, csize, inoff)
-            elif self._esize == 16:
-                self._map_sub(pieces, off, n, inoff, e, bm, unmapped)
+        try:
+            while off < end:
+                inoff = off & (cs - 1)
+                n = min(cs - inoff, end - off)
+                e, bm = self._entry(off >> cb)
+                if e & COMPRESSED:
+                    coff = e & ((1 << self._csize_shift) - 1)
+                    csize = (((e >> self._csize_shift) & self._csize_mask) + 1) * 512 - (coff & 511)
+                    if coff < cs or coff + csize > MAX_HOST_OFFSET:
+                        raise self._corrupt(f"compressed cluster at 0x{coff:x} is invalid")
+                    piece = (_COMP, off, n, coff, csize, inoff)
+                elif self._esize == 16:
+                    self._map_sub(pieces, off, n, inoff, e, bm, unmapped)
+                    if first_run and len(pieces) > 1:
+                        return pieces[:1]
+                    off += n
+                    continue
+                elif e & ZERO_FLAG and self._v3_zero:
+                    if e & OFFSET_MASK:  # "zero, allocated": still a cluster we may reuse
+                        self._check_host(e & OFFSET_MASK, "a zero cluster")
+                    piece = (_ZERO, off, n, 1, 0, 0)
+                else:
+                    host = e & OFFSET_MASK
+                    if host:
+                        self._check_host(host, "a data cluster")
+                        piece = (_DATA, off, n, host + inoff, 0, 0)
+                    else:
+                        piece = (unmapped, off, n, 0, 0, 0)
+                self._add_piece(pieces, piece)
                 if first_run and len(pieces) > 1:
                     return pieces[:1]
                 off += n
-                continue
-            elif e & ZERO_FLAG and self._v3_zero:
-                if e & OFFSET_MASK:  # "zero, allocated": still a cluster we may reuse
-                    self._check_host(e & OFFSET_MASK, "a zero cluster")
-                piece = (_ZERO, off, n, 1, 0, 0)
-            else:
-                host = e & OFFSET_MASK
-                if host:
-                    self._check_host(host, "a data cluster")
-                    piece = (_DATA, off, n, host + inoff, 0, 0)
-                else:
-                    piece = (unmapped, off, n, 0, 0, 0)
-            self._add_piece(pieces, piece)
-            if first_run and len(pieces) > 1:
-                return pieces[:1]
-            off += n
+        except CorruptImage:
+            if first_run and pieces:
+                return pieces[:1]  # damage further on ends this extent, not the call
+            raise
         return pieces
 
     @staticmethod
@@ -755,7 +827,7 @@ class Qcow2Disk:
         for kind, goff, n, a, b, c in pieces:
             sub = cur.take(n)
             if kind == _DATA:
-                self._pread_views(sub, a, n)
+                self._data_read(sub, a, n)
             elif kind == _ZERO:
                 _zero_views(sub)
             elif kind == _BACK:
@@ -766,6 +838,76 @@ class Qcow2Disk:
                 for v in sub:
                     v[:] = data[pos:pos + len(v)]
                     pos += len(v)
+
+    def _data_read(self, sub: list[memoryview], host: int, n: int) -> None:
+        """Guest data from the host file: O_DIRECT under cache=none, through an
+        aligned bounce buffer when the views are not aligned, through the page
+        cache when the range itself cannot go direct (or reads short: EOF)."""
+        if self.direct:
+            try:
+                if len(sub) <= 1024 and os.preadv(self._dfd, sub, host) >= n:
+                    return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            if self._bounce(sub, host, n, write=False):
+                return
+        self._pread_views(sub, host, n)
+
+    def _data_write(self, sub: list[memoryview], host: int, n: int) -> None:
+        """Guest data to the host file (as ``_data_read``)."""
+        if self.direct:
+            done = 0
+            try:
+                done = os.pwritev(self._dfd, sub, host) if len(sub) <= 1024 else 0
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            if done >= n:
+                return
+            if not done and self._bounce(sub, host, n, write=True):
+                return
+            if done:  # short (out of space?): the rest through the page cache
+                sub = [memoryview(b"".join(sub))[done:]]
+                host += done
+                n -= done
+        self._pwrite_views(sub, host, n)
+
+    def _bounce(self, sub: list[memoryview], host: int, n: int, *, write: bool) -> bool:
+        """One direct transfer through a page-aligned buffer; False when the
+        range cannot go direct (EINVAL: offset or length not aligned to the
+        device's block) or a read came back short."""
+        buf = mmap.mmap(-1, max(n, mmap.PAGESIZE))
+        try:
+            mv = memoryview(buf)[:n]
+            try:
+                if write:
+                    pos = 0
+                    for v in sub:
+                        mv[pos:pos + len(v)] = v
+                        pos += len(v)
+                    done = 0
+                    while done < n:
+                        w = os.pwritev(self._dfd, [mv[done:]], host + done)
+                        if w <= 0:
+                            raise OSError(errno.EIO, f"{self.path}: short write")
+                        done += w
+                    return True
+                if os.preadv(self._dfd, [mv], host) < n:
+                    return False
+                pos = 0
+                for v in sub:
+                    v[:] = mv[pos:pos + len(v)]
+                    pos += len(v)
+                return True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                return False
+            finally:
+                mv.release()
+        finally:
+            buf.close()
 
     def _pread_views(self, sub: list[memoryview], host: int, n: int) -> None:
         got = os.preadv(self._fd, sub, host) if len(sub) <= 1024 else 0
@@ -883,12 +1025,14 @@ class Qcow2Disk:
             host = e & OFFSET_MASK
             if e & COPIED and host and not e & (COMPRESSED | ZERO_FLAG):
                 self._check_host(host, "a data cluster")
-                self._pwrite_views(sub, host + inoff, n)
+                self._data_write(sub, host + inoff, n)
                 off += n
                 continue
             reuse = 0
+            buf: bytes | bytearray | None = None
             if n == cs:
-                buf: bytes | bytearray = b"".join(sub)
+                if not self.direct:
+                    buf = b"".join(sub)
             else:
                 buf = bytearray(cs)
                 if e & COPIED and host and e & ZERO_FLAG and not e & COMPRESSED:
@@ -903,7 +1047,11 @@ class Qcow2Disk:
                 new = reuse
             else:
                 new = self._alloc_cluster() << cb
-            self._pwrite_all(buf, new)
+            if buf is None:  # a whole cluster of guest data: straight from the guest, direct
+                self._data_write(sub, new, cs)
+                self._file_end = max(self._file_end, new + cs)
+            else:
+                self._pwrite_all(buf, new)
             self._set_entry(gci, new | COPIED)
             if not reuse:
                 self._free_entry(e)
@@ -926,17 +1074,23 @@ class Qcow2Disk:
             end = -(-self.size // cs) * cs  # the tail cluster counts as whole
         return start, end
 
-    def _set_range(self, start: int, end: int, *, zero: bool, unmap: bool) -> None:
-        """Discard (zero=False: unallocated) or zero whole clusters [start, end)."""
+    def _set_range(self, start: int, end: int, *, zero: bool, unmap: bool,
+                   full: bool = False) -> None:
+        """Discard (zero=False) or zero whole clusters [start, end). A discard
+        leaves them unallocated (``full``, or nothing below shows through: no
+        backing file), else reading as zeros (v3; ``discard`` keeps v2 over a
+        backing file out of here)."""
         cb = self.cluster_bits
-        no_backing = self.backing_name is None
+        no_backing = self.backing_name is None  # recorded: also when opened without it
+        zero_discard = not zero and not full and not no_backing and self._v3_zero
         gci = start >> cb
         stop = end >> cb
         while gci < stop:
             l1i = gci >> self._l2_bits
             if l1i >= self._h.l1_size:
                 break
-            if not _Q.unpack_from(self._l1, l1i * 8)[0] & OFFSET_MASK and (not zero or no_backing):
+            if not _Q.unpack_from(self._l1, l1i * 8)[0] & OFFSET_MASK and (
+                    no_backing or not (zero or zero_discard)):
                 gci = (l1i + 1) << self._l2_bits  # no L2 table: already unallocated
                 continue
             e = self._entry(gci)[0]
@@ -946,6 +1100,8 @@ class Qcow2Disk:
                     new = host | COPIED | ZERO_FLAG  # keep the allocation
                 else:
                     new = ZERO_FLAG if not no_backing or e else 0
+            elif zero_discard:
+                new = ZERO_FLAG  # the host cluster goes; the backing file stays hidden
             else:
                 new = 0
             if new != e:
@@ -1039,6 +1195,7 @@ class Qcow2Disk:
         # every L2 change is on disk now: the clusters they dropped may go
         if self._pending_frees and not self._inflight:
             frees, self._pending_frees = self._pending_frees, []
+            freed: list[int] = []
             for ci in frees:
                 r = self._get_refcount(ci)
                 if r == 0:
@@ -1046,8 +1203,54 @@ class Qcow2Disk:
                                 self.path, ci)
                     continue
                 self._set_refcount(ci, r - 1)
-                if r == 1 and ci < self._free_cursor:
-                    self._free_cursor = ci
+                if r == 1:
+                    freed.append(ci)
+                    if ci < self._free_cursor:
+                        self._free_cursor = ci
+            self._punch(freed)
+
+    def _punch(self, clusters: list[int]) -> None:
+        """Give the host file's space of freed clusters back (PUNCH_HOLE). Safe
+        here: nothing on disk references them any more (their L2/L1 change is
+        synced), no unlocked I/O targets them (frees wait for ``_inflight``), and
+        none is reused before this returns (we hold ``_lock``). A crash before
+        their refcount 0 is written leaves leaked clusters of zeros: a leak.
+
+        A damaged image may have had an entry pointing at our own metadata
+        (the header, a table, a refcount block): its refcount drops, but such a
+        cluster is never punched (zeroing it would spread the damage)."""
+        if not clusters or not self._punch_ok:
+            return
+        from pyvirt.disk.raw import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _fallocate
+
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        meta = {off >> cb for off in (*self._l2_cache, *self._rb_cache)}
+        wanted = set(clusters)
+        for (v,) in struct.iter_unpack(">Q", self._rt):  # refcount blocks (as QEMU's overlap check)
+            if v & REFTABLE_MASK and (v & REFTABLE_MASK) >> cb in wanted:
+                meta.add((v & REFTABLE_MASK) >> cb)
+        clusters = sorted(
+            ci for ci in wanted if ci and ci not in meta
+            and not self._l1lo - cs < ci << cb < self._l1hi
+            and not self._rtlo - cs < ci << cb < self._rthi)
+        i = 0
+        while i < len(clusters):
+            j = i + 1
+            while j < len(clusters) and clusters[j] == clusters[j - 1] + 1:
+                j += 1
+            try:
+                _fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                           clusters[i] << cb, (j - i) << cb)
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    self._punch_ok = False  # no holes here: the space stays (a hint only)
+                    return
+                if not self._punch_logged:  # the free itself stands: only space is lost
+                    self._punch_logged = True
+                    log.warning("%s: cannot punch freed clusters: %s", self.path, exc.strerror)
+                return
+            i = j
 
     # ------------------------------------------------------------ refcounts
 

@@ -54,6 +54,9 @@ _MAX_L1_BYTES = 32 << 20
 _MAX_REFTABLE_BYTES = 8 << 20
 _MAX_SNAPSHOTS = 65536
 _MAX_HOST_CLUSTERS = (1 << 31) - 1
+#: the most memory the computed refcounts may take (a 64 KiB-cluster image file
+#: of 16 TiB with 16-bit refcounts)
+_CHECK_MEMORY = 512 << 20
 _MAX_MESSAGES = 200
 
 
@@ -225,11 +228,15 @@ class _Checker:
         self.refcount_max = (1 << (1 << self.order)) - 1
         self.rb_bits = self.cbits + 3 - self.order  # log2(entries per refblock)
         self.nb_clusters = -(-img.host_size // self.cs)
-        if self.nb_clusters > _MAX_HOST_CLUSTERS:
-            raise _fail(res, "the image file has too many clusters to check")
         # saturating counts: a count above refcount_max is an overflow anyway
         code = "B" if self.order <= 3 else "H" if self.order == 4 else "L" if self.order == 5 \
             else "Q"
+        # one count per host cluster of the file's apparent size (a sparse hostile
+        # file can claim terabytes): at most _CHECK_MEMORY bytes of counts
+        if self.nb_clusters > min(_MAX_HOST_CLUSTERS, _CHECK_MEMORY // array(code).itemsize):
+            raise _fail(res, f"the image file has too many clusters to check "
+                        f"({self.nb_clusters}; the limit is "
+                        f"{_CHECK_MEMORY // array(code).itemsize} at this refcount width)")
         self.computed: array[int] = array(code, bytes((self.nb_clusters + 1)
                                                       * array(code).itemsize))
         self.rebuild = False

@@ -48,7 +48,7 @@ MEASURED: tuple[str, ...] = (
 
 #: Needed on paths the traced runs did not take.
 PATHS_NOT_TRACED: dict[str, str] = {
-    "fallocate": "virtio-blk discard / write-zeroes with unmap (raw images)",
+    "fallocate": "virtio-blk discard / write-zeroes with unmap (raw); qcow2 freed clusters",
     "pwrite64": "qcow2 metadata updates; raw write-zeroes without fallocate support",
     "fsync": "flushing a file the VMM writes (console file)",
     "restart_syscall": "a sleep or futex wait interrupted by SIGINT/SIGTERM resumes through it",
