@@ -109,10 +109,12 @@ def _probe(path: Path, fmt: str | None) -> str:
     return "qcow2" if head == b"QFI\xfb" else "raw"
 
 
-def _open(path: Path, fmt: str | None, *, readonly: bool, backing: bool = True) -> DiskBackend:
+def _open(path: Path, fmt: str | None, *, readonly: bool, backing: bool = True,
+          role: str = "image") -> DiskBackend:
+    """Open an image; errors read ``ROLE: PATH: what is wrong``."""
     from pyvirt.disk.open import open_disk
 
-    return open_disk(path, format=_probe(path, fmt), readonly=readonly, what=str(path),
+    return open_disk(path, format=_probe(path, fmt), readonly=readonly, what=role,
                      backing=backing)
 
 
@@ -221,7 +223,7 @@ def _create_image(path: Path, fmt: str, size: int | None, opts: dict[str, str],
         raise _bad(f"-F: unknown backing format {backing_fmt!r} (expected raw or qcow2)")
     if backing:
         base = _backing_path(path, backing)
-        disk = _open(base, backing_fmt, readonly=True)
+        disk = _open(base, backing_fmt, readonly=True, role="backing file")
         try:
             if size is None:
                 size = disk.size
@@ -577,14 +579,14 @@ def convert(ctx: click.Context, fmt: str | None, out_fmt: str, options: tuple[st
             raise _bad("-S: must be a multiple of 512")
         if backing is not None and out_fmt != "qcow2":
             raise _bad("-B: a backing file needs -O qcow2")
-        source = _open(src, fmt, readonly=True)
+        source = _open(src, fmt, readonly=True, role="source")
         try:
             bfmt = backing_fmt
             if backing is not None and bfmt is None:
                 bfmt = _probe(_backing_path(dst, backing), None)
             with _staged(dst) as tmp:
                 _create_image(tmp, out_fmt, source.size, dict(opts), backing, bfmt, quiet=True)
-                out = _open(tmp, out_fmt, readonly=False)
+                out = _open(tmp, out_fmt, readonly=False, role="target")
                 try:
                     base = out.chain()[1] if backing is not None and len(out.chain()) > 1 \
                         else None
@@ -655,7 +657,8 @@ def commit(ctx: click.Context, fmt: str | None, keep: bool, progress: bool,
             if top.format != "qcow2" or not q.backing_name:
                 raise _bad(f"{filename}: has no backing file to commit to")
             base_path = _backing_path(filename, q.backing_name)
-            base = _open(base_path, q.backing_format, readonly=False, backing=False)
+            base = _open(base_path, q.backing_format, readonly=False, backing=False,
+                         role="backing file")
             try:
                 if base.size < top.size:
                     base.resize(top.size)
@@ -740,9 +743,9 @@ def _rebase_copy(top: DiskBackend, filename: Path, q: Any, new_path: Path | None
     try:
         if q.backing_name:
             old = _open(_backing_path(filename, q.backing_name), q.backing_format,
-                        readonly=True)
+                        readonly=True, role="old backing file")
         if new_path is not None:
-            new = _open(new_path, new_fmt, readonly=True)
+            new = _open(new_path, new_fmt, readonly=True, role="new backing file")
 
         def content(disk: DiskBackend | None, offset: int, n: int) -> bytes:
             if disk is None or offset >= disk.size:
