@@ -1123,3 +1123,59 @@ def test_img_resize_and_commit_as_qemu_img(tmp_path: Path) -> None:
     top = json.loads(run("qemu-img", "map", "--output", "json", str(img)))
     assert not [e for e in top if e["depth"] == 0 and e["present"]], top
     run("qemu-img", "compare", str(img), str(base))
+
+
+@pytest.mark.parametrize("backing", [False, True])
+def test_parallel_partial_writes_into_one_new_cluster_lose_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backing: bool) -> None:
+    """Allocating writes move their data outside the metadata lock; two writes
+    into different sectors of one still-unallocated cluster must not both
+    copy-on-write the old content (the later mapping would drop the other's
+    data): the second waits for the first. The data write is slowed down so
+    that the writes really overlap in time."""
+    import time
+
+    cs = 65536
+    img = tmp_path / "p.qcow2"
+    expect = bytearray(4 * cs)
+    if backing:
+        base = tmp_path / "b.raw"
+        content = bytes(random.Random(5).randbytes(4 * cs))
+        base.write_bytes(content)
+        expect[:] = content
+        create_qcow2(img, 4 * cs, backing="b.raw", backing_format="raw")
+    else:
+        create_qcow2(img, 4 * cs)
+    d = open_q(img)
+    real = Qcow2Disk._data_write
+
+    def slow(self: Qcow2Disk, sub: list[memoryview], host: int, n: int) -> None:
+        time.sleep(0.002)
+        real(self, sub, host, n)
+
+    monkeypatch.setattr(Qcow2Disk, "_data_write", slow)
+    errors: list[BaseException] = []
+    sectors = list(range(4 * cs // 512))
+    random.Random(1).shuffle(sectors)
+
+    def worker(k: int) -> None:
+        try:
+            for s in sectors[k::16]:
+                d.writev([memoryview(bytes([s % 251 + 1]) * 512)], s * 512)
+        except BaseException as exc:
+            errors.append(exc)
+
+    for s in sectors:
+        expect[s * 512:(s + 1) * 512] = bytes([s % 251 + 1]) * 512
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    buf = bytearray(4 * cs)
+    d.readv([memoryview(buf)], 0)
+    d.close()
+    assert buf == expect
+    info = check_clean(img)
+    assert info.get("leaks", 0) == 0, info

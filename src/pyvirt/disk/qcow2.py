@@ -50,16 +50,17 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import struct
 import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pyvirt.disk.backend import ChainLimits, CorruptImage, DiskBackend, DiskError, Extent, ImageFile
+from pyvirt.disk.bounce import aligned_buffer, gather, scatter
 from pyvirt.disk.qcow2_create import create_qcow2
 from pyvirt.disk.qcow2_header import (
     COMPAT_LAZY_REFCOUNTS,
@@ -129,6 +130,17 @@ def _zero_views(views: list[memoryview]) -> None:
         v[:] = bytes(len(v))
 
 
+@dataclass(slots=True)
+class _Alloc:
+    """One guest cluster's part of a write (see Qcow2Disk._plan_allocating)."""
+
+    gci: int  # the guest cluster being allocated; -1: in place, in a cluster we own
+    host: int  # where the data goes
+    length: int
+    views: list[memoryview]  # the guest's data
+    buf: bytearray | None  # the whole new cluster (copy-on-write), or None: views as they are
+
+
 class Qcow2Disk:
     """One open qcow2 image (see the module docstring)."""
 
@@ -172,6 +184,10 @@ class Qcow2Disk:
         self._v3_zero = header.version >= 3 and not self.extended_l2
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        #: guest clusters whose allocating write is moving data outside the lock:
+        #: their L2 entries change when it ends, so other writers, discards and
+        #: zeroing of them wait (readers see the old mapping meanwhile)
+        self._allocating: set[int] = set()
         self._inflight = 0
         self._file_end = file.host_size  # grows as we write new clusters
         self._drainers = 0  # threads waiting in _drain
@@ -490,11 +506,13 @@ class Qcow2Disk:
             runs = self._inplace_runs(offset, total)
             self._data_dirty = True
             if runs is None:
+                self._wait_allocating(offset, offset + total)
                 self._mark_dirty()
-                self._write_allocating(offset, total, cur)
-                self._bound_frees()
-                return
+                plan = self._plan_allocating(offset, total, cur)
             self._inflight += 1
+        if runs is None:
+            self._write_planned(plan)
+            return
         try:
             for run_host, n in runs:
                 self._data_write(cur.take(n), run_host, n)
@@ -690,23 +708,36 @@ class Qcow2Disk:
     # ---------------------------------------------------------- L2 lookups
 
     def _l2_table(self, l2off: int) -> bytearray:
-        tbl = self._l2_cache.get(l2off)
+        return self._cached(self._l2_cache, l2off, "an L2 table", self._cache_insert_l2)
+
+    def _cached(self, cache: OrderedDict[int, bytearray], off: int, what: str,
+                insert: Callable[[int, bytearray], None]) -> bytearray:
+        """A metadata cluster from its LRU cache, or read (checked) and inserted."""
+        tbl = cache.get(off)
         if tbl is not None:
-            self._l2_cache.move_to_end(l2off)
+            cache.move_to_end(off)
             return tbl
-        self._check_host(l2off, "an L2 table")
-        tbl = self._pread_meta(l2off)
-        self._cache_insert_l2(l2off, tbl)
+        self._check_host(off, what)
+        tbl = self._pread_meta(off)
+        insert(off, tbl)
         return tbl
 
-    def _cache_insert_l2(self, l2off: int, tbl: bytearray) -> None:
-        cache = self._l2_cache
-        while len(cache) >= self._l2_max:
+    @staticmethod
+    def _insert_lru(cache: OrderedDict[int, bytearray], limit: int, off: int, tbl: bytearray,
+                    write_back: Callable[[int], None]) -> None:
+        """Insert, evicting the least recently used (``write_back`` saves a dirty one)."""
+        while len(cache) >= limit:
             old = next(iter(cache))
+            write_back(old)
+            del cache[old]
+        cache[off] = tbl
+
+    def _cache_insert_l2(self, l2off: int, tbl: bytearray) -> None:
+        def write_back(old: int) -> None:
             if old in self._l2_dirty:
                 self._write_l2([old])
-            del cache[old]
-        cache[l2off] = tbl
+
+        self._insert_lru(self._l2_cache, self._l2_max, l2off, tbl, write_back)
 
     def _pread_meta(self, off: int) -> bytearray:
         buf = bytearray(self.cluster_size)
@@ -877,15 +908,10 @@ class Qcow2Disk:
         """One direct transfer through a page-aligned buffer; False when the
         range cannot go direct (EINVAL: offset or length not aligned to the
         device's block) or a read came back short."""
-        buf = mmap.mmap(-1, max(n, mmap.PAGESIZE))
-        try:
-            mv = memoryview(buf)[:n]
+        with aligned_buffer(n) as mv:
             try:
                 if write:
-                    pos = 0
-                    for v in sub:
-                        mv[pos:pos + len(v)] = v
-                        pos += len(v)
+                    gather(sub, mv)
                     done = 0
                     while done < n:
                         w = os.pwritev(self._dfd, [mv[done:]], host + done)
@@ -895,19 +921,12 @@ class Qcow2Disk:
                     return True
                 if os.preadv(self._dfd, [mv], host) < n:
                     return False
-                pos = 0
-                for v in sub:
-                    v[:] = mv[pos:pos + len(v)]
-                    pos += len(v)
+                scatter(mv, sub)
                 return True
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 return False
-            finally:
-                mv.release()
-        finally:
-            buf.close()
 
     def _pread_views(self, sub: list[memoryview], host: int, n: int) -> None:
         got = os.preadv(self._fd, sub, host) if len(sub) <= 1024 else 0
@@ -1011,51 +1030,115 @@ class Qcow2Disk:
             os.fdatasync(self._fd)
             self._dirty_on_disk = True
 
-    def _write_allocating(self, offset: int, length: int, cur: _Cursor) -> None:
+    def _wait_allocating(self, start: int, end: int) -> None:
+        """Wait (under _lock) until no allocating write is in flight on a guest
+        cluster of [start, end): its L2 entries are about to change."""
+        if not self._allocating:
+            return
+        cb = self.cluster_bits
+        first, last = start >> cb, (max(end, start + 1) - 1) >> cb
+        while any(first <= g <= last for g in self._allocating):
+            self._cond.wait()
+
+    def _plan_allocating(self, offset: int, length: int, cur: _Cursor) -> list[_Alloc]:
+        """Under _lock: choose the host cluster of every guest cluster the write
+        touches (allocating new ones: their refcounts are set now, so nothing
+        else takes them), with copy-on-write data for partial clusters; mark the
+        new ones as allocating. The data moves outside the lock (_write_planned)."""
         cs = self.cluster_size
         cb = self.cluster_bits
+        plan: list[_Alloc] = []
         off = offset
         end = offset + length
-        while off < end:
-            inoff = off & (cs - 1)
-            n = min(cs - inoff, end - off)
-            sub = cur.take(n)
-            gci = off >> cb
-            e = self._entry(gci)[0]
-            host = e & OFFSET_MASK
-            if e & COPIED and host and not e & (COMPRESSED | ZERO_FLAG):
-                self._check_host(host, "a data cluster")
-                self._data_write(sub, host + inoff, n)
+        try:
+            while off < end:
+                inoff = off & (cs - 1)
+                n = min(cs - inoff, end - off)
+                sub = cur.take(n)
+                gci = off >> cb
+                e = self._entry(gci)[0]
+                host = e & OFFSET_MASK
+                if e & COPIED and host and not e & (COMPRESSED | ZERO_FLAG):
+                    self._check_host(host, "a data cluster")
+                    plan.append(_Alloc(-1, host + inoff, n, sub, None))
+                    off += n
+                    continue
+                reuse = host if e & COPIED and host and e & ZERO_FLAG and not e & COMPRESSED \
+                    else 0
+                buf: bytearray | None = None
+                if n != cs:
+                    buf = bytearray(cs)
+                    if not reuse and not (e & ZERO_FLAG and self._v3_zero
+                                          and not e & COMPRESSED):
+                        self._exec_read([memoryview(buf)], self._map(gci << cb, cs))
+                    pos = inoff
+                    for v in sub:
+                        buf[pos:pos + len(v)] = v
+                        pos += len(v)
+                if reuse:
+                    self._check_host(reuse, "a data cluster")
+                    new = reuse
+                else:
+                    new = self._alloc_cluster() << cb
+                self._allocating.add(gci)
+                plan.append(_Alloc(gci, new, cs, sub, buf))
                 off += n
-                continue
-            reuse = 0
-            buf: bytes | bytearray | None = None
-            if n == cs:
-                if not self.direct:
-                    buf = b"".join(sub)
-            else:
-                buf = bytearray(cs)
-                if e & COPIED and host and e & ZERO_FLAG and not e & COMPRESSED:
-                    reuse = host  # "zero, allocated": ours, reads as zeros so far
-                elif not (e & ZERO_FLAG and self._v3_zero and not e & COMPRESSED):
-                    self._exec_read([memoryview(buf)], self._map(gci << cb, cs))
-                buf[inoff:inoff + n] = b"".join(sub)
-            if e & COPIED and host and e & ZERO_FLAG and not e & COMPRESSED:
-                reuse = host
-            if reuse:
-                self._check_host(reuse, "a data cluster")
-                new = reuse
-            else:
-                new = self._alloc_cluster() << cb
-            if buf is None:  # a whole cluster of guest data: straight from the guest, direct
-                self._data_write(sub, new, cs)
-                self._file_end = max(self._file_end, new + cs)
-            else:
-                self._pwrite_all(buf, new)
-            self._set_entry(gci, new | COPIED)
-            if not reuse:
-                self._free_entry(e)
-            off += n
+        except BaseException:
+            self._finish_locked(plan, done=False, counted=False)  # we hold _lock here
+            raise
+        return plan
+
+    def _write_planned(self, plan: list[_Alloc]) -> None:
+        """Outside the lock: the data of a planned write (contiguous whole
+        clusters of guest data in one transfer), then its L2 entries."""
+        done = False
+        try:
+            i = 0
+            while i < len(plan):
+                a = plan[i]
+                if a.buf is not None:
+                    self._pwrite_all(a.buf, a.host)
+                    i += 1
+                    continue
+                views, host, n = list(a.views), a.host, a.length
+                i += 1
+                while i < len(plan) and plan[i].buf is None and plan[i].host == host + n:
+                    views += plan[i].views
+                    n += plan[i].length
+                    i += 1
+                self._data_write(views, host, n)
+            done = True
+        finally:
+            self._finish_allocating(plan, done=done, counted=True)
+
+    def _finish_allocating(self, plan: list[_Alloc], *, done: bool, counted: bool) -> None:
+        with self._lock:
+            self._finish_locked(plan, done=done, counted=counted)
+
+    def _finish_locked(self, plan: list[_Alloc], *, done: bool, counted: bool) -> None:
+        """Under _lock: map the planned clusters (data written: ``done``) or give
+        them back; ``counted``: the data I/O was counted in _inflight."""
+        cb = self.cluster_bits
+        try:
+            for a in plan:
+                if a.gci < 0 or a.gci not in self._allocating:
+                    continue
+                if done:
+                    self._file_end = max(self._file_end, a.host + self.cluster_size)
+                    old = self._entry(a.gci)[0]  # now: a discard may have changed it
+                    self._set_entry(a.gci, a.host | COPIED)
+                    if old & OFFSET_MASK != a.host:
+                        self._free_entry(old)
+                elif self._entry(a.gci)[0] & OFFSET_MASK != a.host:
+                    self._pending_frees.append(a.host >> cb)  # a leak at worst
+            self._bound_frees()
+        finally:
+            for a in plan:
+                self._allocating.discard(a.gci)
+            if counted:
+                self._inflight -= 1
+                self._data_dirty = True  # as _io_done: a flush meanwhile did not cover it
+            self._cond.notify_all()
 
     def _write_real_zeros(self, offset: int, length: int) -> None:
         chunk = 1 << 20
@@ -1080,6 +1163,7 @@ class Qcow2Disk:
         leaves them unallocated (``full``, or nothing below shows through: no
         backing file), else reading as zeros (v3; ``discard`` keeps v2 over a
         backing file out of here)."""
+        self._wait_allocating(start, end)  # entries an allocating write will set
         cb = self.cluster_bits
         no_backing = self.backing_name is None  # recorded: also when opened without it
         zero_discard = not zero and not full and not no_backing and self._v3_zero
@@ -1263,26 +1347,17 @@ class Qcow2Disk:
         return off
 
     def _refblock(self, off: int) -> bytearray:
-        blk = self._rb_cache.get(off)
-        if blk is not None:
-            self._rb_cache.move_to_end(off)
-            return blk
-        self._check_host(off, "a refcount block")
-        blk = self._pread_meta(off)
-        self._rb_insert(off, blk)
-        return blk
+        return self._cached(self._rb_cache, off, "a refcount block", self._rb_insert)
 
     def _rb_insert(self, off: int, blk: bytearray) -> None:
-        cache = self._rb_cache
-        while len(cache) >= self._rb_max:
-            old = next(iter(cache))
+        def write_back(old: int) -> None:
             if old in self._rb_dirty:
                 # an early refcount write is always safe: increments may only
                 # leak, and decrements are applied after their L2 change is on disk
-                self._pwrite_all(cache[old], old)
+                self._pwrite_all(self._rb_cache[old], old)
                 self._rb_dirty.discard(old)
-            del cache[old]
-        cache[off] = blk
+
+        self._insert_lru(self._rb_cache, self._rb_max, off, blk, write_back)
 
     def _get_refcount(self, ci: int) -> int:
         off = self._rb_offset(ci >> self._rb_bits)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 from pathlib import Path
 from typing import Any
 
 from pyvirt.disk.backend import SECTOR, DiskBackend, DiskError, Extent, ImageFile
+from pyvirt.disk.bounce import aligned_buffer, gather, scatter
 from pyvirt.hostfile import FileIdentity
 
 __all__ = ["RawDisk", "create_raw"]
@@ -153,27 +153,13 @@ class RawDisk:
                 views[0] = views[0][n:]
 
     def _bounced(self, fd: int, views: list[memoryview], offset: int, write: bool) -> None:
-        total = sum(len(v) for v in views)
-        buf = mmap.mmap(-1, max(total, mmap.PAGESIZE))  # page-aligned
-        try:
-            mv = memoryview(buf)[:total]
-            try:
-                if write:
-                    pos = 0
-                    for v in views:
-                        mv[pos:pos + len(v)] = v
-                        pos += len(v)
-                    self._vectored(fd, [mv], offset, True)
-                else:
-                    self._vectored(fd, [mv], offset, False)
-                    pos = 0
-                    for v in views:
-                        v[:] = mv[pos:pos + len(v)]
-                        pos += len(v)
-            finally:
-                mv.release()
-        finally:
-            buf.close()
+        with aligned_buffer(sum(len(v) for v in views)) as mv:
+            if write:
+                gather(views, mv)
+                self._vectored(fd, [mv], offset, True)
+            else:
+                self._vectored(fd, [mv], offset, False)
+                scatter(mv, views)
 
     # ---- metadata
 
