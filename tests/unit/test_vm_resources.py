@@ -17,10 +17,10 @@ from pyvirt.vmm.resources import VmResources
 
 
 def _locked_by_us(path: Path) -> bool:
-    """Whether another process is refused a shared lock on ``path`` (an OFD lock,
-    as a second pyvirt or QEMU takes it)."""
-    code = ("import fcntl, os, struct, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\n"
-            "try:\n fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack('@hhqqi4x', fcntl.F_RDLCK,"
+    """Whether another process is refused an exclusive lock on ``path`` (an OFD
+    lock over the whole file, so any of the lock bytes pyvirt or QEMU hold conflicts)."""
+    code = ("import fcntl, os, struct, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+            "try:\n fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack('@hhqqi4x', fcntl.F_WRLCK,"
             " 0, 0, 0, 0))\nexcept OSError:\n sys.exit(3)\n")
     r = subprocess.run([sys.executable, "-c", code, str(path)], timeout=30, check=False)
     return r.returncode == 3
