@@ -19,6 +19,7 @@ Import-light: on the VMM's start-up path.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -159,6 +160,8 @@ def _holder(fd: int, st: os.stat_result, readonly: bool) -> str:
     """
     held, unshared = _perms(readonly)
     pid = 0
+    with contextlib.suppress(OSError):  # drop the lock bytes we took: the search would find us
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))
     try:
         for bit in _PERM_NAMES:
             for mine, other in ((held, SHARED_BASE), (unshared, PERM_BASE)):
