@@ -429,15 +429,15 @@ class Qcow2Disk:
         self._l1lo, self._l1hi = h.l1_table_offset, h.l1_table_offset + h.l1_size * 8
         self._rtlo, self._rthi = h.refcount_table_offset, h.refcount_table_offset + len(self._rt)
 
-    def readv(self, views: list[memoryview], offset: int) -> None:
-        if len(views) == 1:
-            total = len(views[0])
-        else:
-            total = 0
-            for v in views:
-                total += len(v)
+    def _request_len(self, views: list[memoryview], offset: int) -> int:
+        """The bytes of a request (checked against the size; cheap for one view)."""
+        total = len(views[0]) if len(views) == 1 else sum(len(v) for v in views)
         if offset < 0 or offset + total > self.size or self._closed:
             self._check_range(offset, total)
+        return total
+
+    def readv(self, views: list[memoryview], offset: int) -> None:
+        total = self._request_len(views, offset)
         if not total:
             return
         with self._lock:
@@ -480,14 +480,7 @@ class Qcow2Disk:
     def writev(self, views: list[memoryview], offset: int) -> None:
         if self.readonly:
             raise PermissionError(errno.EROFS, f"{self.path} is open read-only")
-        if len(views) == 1:
-            total = len(views[0])
-        else:
-            total = 0
-            for v in views:
-                total += len(v)
-        if offset < 0 or offset + total > self.size or self._closed:
-            self._check_range(offset, total)
+        total = self._request_len(views, offset)
         if not total:
             return
         with self._lock:
