@@ -15,7 +15,8 @@ STAMPS := .make
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := python3-venv gcc binutils make linux-libc-dev kmod cpio acpica-tools \
 	e2fsprogs qemu-system-x86 qemu-utils cmake pkg-config debootstrap libseccomp2 \
-	passt iperf3 dnsmasq-base iproute2 iputils-ping
+	passt iperf3 dnsmasq-base iproute2 iputils-ping nftables openssh-server \
+	openssh-client openssl
 N ?= 100
 FUZZ_RUNS ?= 1000000
 
@@ -42,7 +43,7 @@ lint: setup
 	$(VENV)/bin/ruff check src tests bench fuzz
 	$(VENV)/bin/mypy
 
-setup: $(STAMPS)/apt $(STAMPS)/venv engine
+setup: $(STAMPS)/apt $(STAMPS)/venv engine $(STAMPS)/users
 
 # Re-checked whenever this Makefile changes (APT_PACKAGES may have grown).
 $(STAMPS)/apt: Makefile
@@ -62,6 +63,14 @@ $(STAMPS)/venv: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
+
+# pyvirtd's group "pyvirt" (may use the management socket) and the system user
+# "pyvirt-vm" its VMMs run as (no login shell, no home, in group kvm when there is
+# one): pyvirt.manager.privilege.ensure_users, idempotent. Elsewhere than root the
+# daemon runs VMMs as its own user, so this says so and leaves no stamp.
+$(STAMPS)/users: $(STAMPS)/venv
+	@if [ "$$(id -u)" = 0 ]; then $(PY) -m pyvirt.manager.privilege ensure-users && touch $@; \
+	else echo "users: skipped: creating the pyvirt group and pyvirt-vm user needs root"; fi
 
 # The software CPU: unicorn built from its PyPI sdist with our patch series.
 engine: $(STAMPS)/venv

@@ -1,6 +1,6 @@
 """``make bench``: pyvirt side by side with C and QEMU; prints medians and ratios.
 
-    python -m bench [--runs N] [--only kvm,emu,blk,life,net] [--images raw,qcow2-fresh,...]
+    python -m bench [--runs N] [--only kvm,emu,blk,life,net,daemon] [--images raw,...]
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from bench.common import print_rows
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--runs", type=int, default=5, help="runs per side (alternating)")
-    ap.add_argument("--only", default="kvm,emu,blk,life,net",
-                    help="comma-separated: kvm, emu, blk, life, net")
+    ap.add_argument("--only", default="kvm,emu,blk,life,net,daemon",
+                    help="comma-separated: kvm, emu, blk, life, net, daemon")
     ap.add_argument("--images", default="raw,qcow2-fresh,qcow2-allocated,qcow2-chain",
                     help="blk: the scratch disks' kinds, comma-separated: raw, qcow2-fresh, "
                          "qcow2-allocated, qcow2-chain")
@@ -51,6 +51,11 @@ def main() -> None:
 
         print_rows("networking: iperf3, ping, vsock; Debian rootfs guest, software CPU",
                    net_bench.run(args.runs))
+    if "daemon" in which:
+        from bench import daemon_bench
+
+        print_rows("management: pyvirtd + CLI (vs virsh/libvirtd 9.0 where named); default "
+                   "guest, software CPU", daemon_bench.run(args.runs))
 
 
 if __name__ == "__main__":

@@ -92,6 +92,15 @@ class FakeControl:
             raise PyvirtError(f"snapshot {path}: cannot write: No such file or directory")
         return {"path": path, "memory_bytes_written": 64 << 20, "seconds": 0.25}
 
+    def disk_overlay(self, disk: int, path: str) -> dict[str, object]:
+        self._enter("disk_overlay")
+        refuse_unless("disk-overlay", self.state)
+        if disk != 0:
+            raise UserInputError(f"disk: the VM has no disk {disk} (0 to 0)")
+        if Path(path).exists():
+            raise UserInputError(f"path: {path} exists")
+        return {"disk": disk, "path": path, "backing": "/tmp/d.img"}
+
     def set_nic_link(self, nic: int, up: bool) -> None:
         self._enter("set_nic_link")
         refuse_unless("nic-link", self.state)

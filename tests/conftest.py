@@ -13,6 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_KVM = os.environ.get("PYVIRT_REQUIRE_KVM") == "1"
 
+if "PYVIRT_CGROUP_PARENT" not in os.environ:
+    # daemons started by tests put their VMs' cgroups below the test's own cgroup,
+    # never at the host's cgroup root (pyvirt.manager.privilege)
+    from pyvirt.manager.privilege import own_cgroup
+
+    os.environ["PYVIRT_CGROUP_PARENT"] = own_cgroup()
+
 
 def kvm_available() -> bool:
     return os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)

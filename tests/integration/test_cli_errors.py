@@ -205,7 +205,7 @@ def test_config_file_errors_name_file_and_field(kernel_file: Path, tmp_cwd: Path
         (dict(kernel=k, memory="8M"), "vm.json: memory: too small (at least 16M)"),
         (dict(kernel=k, cpus="2"), "vm.json: cpus: expected an integer, not a string"),
         (dict(kernel=k, console={"kind": "tty"}),
-         "vm.json: console.kind: expected stdio, virtio, none or file (not 'tty')"),
+         "vm.json: console.kind: expected stdio, virtio, none, file or socket (not 'tty')"),
         (dict(kernel=k, console={"kind": "file", "path": "nodir/log"}),
          "vm.json: console.path: nodir/log: directory nodir does not exist"),
         (dict(kernel=k, memory=10 << 40), "vm.json: memory: 10T is more than the host's"),

@@ -77,6 +77,17 @@ def test_snapshot_directory_is_sent_absolute(vm: tuple[ApiServer, FakeControl],
     assert code == 0 and f"{tmp_cwd}/rel/snap" in out
 
 
+def test_overlay(vm: tuple[ApiServer, FakeControl], tmp_cwd: Path) -> None:
+    srv, fake = vm
+    code, _, err = run(srv.path, "overlay", "0", "ov.qcow2")
+    assert (code, err) == (2, "pyvirt: error: disk-overlay: the VM is running; pause it first\n")
+    fake.state = VmState.PAUSED
+    code, out, _ = run(srv.path, "overlay", "0", "ov.qcow2")  # sent absolute
+    assert (code, out) == (0, f"disk 0: now on {tmp_cwd}/ov.qcow2 (backing file /tmp/d.img)\n")
+    code, _, err = run(srv.path, "overlay", "1", "/x.qcow2")
+    assert (code, err) == (2, "pyvirt: error: disk: the VM has no disk 1 (0 to 0)\n")
+
+
 def test_info(vm: tuple[ApiServer, FakeControl]) -> None:
     srv, _ = vm
     code, out, _ = run(srv.path, "info")

@@ -202,10 +202,13 @@ def test_every_documented_answer_is_served() -> None:
         for method, op in ops.items():
             m = method.upper()
             for status in op["responses"]:
-                ctl = FakeControl(VmState.PAUSED if path in ("/vm/snapshot", "/vm/resume")
+                ctl = FakeControl(VmState.PAUSED if path in ("/vm/snapshot", "/vm/resume",
+                                                             "/vm/disk-overlay")
                                   else VmState.RUNNING)
                 body = (b'{"path": "%s/new"}' % str(snapdir).encode()
                         if path == "/vm/snapshot" else
+                        b'{"disk": 0, "path": "%s/ov.qcow2"}' % str(snapdir).encode()
+                        if path == "/vm/disk-overlay" else
                         b'{"nic": 0, "up": false}' if path == "/vm/nic-link" else b"")
                 if status in ("200", "204"):
                     data = req(m, path, body)

@@ -15,6 +15,7 @@ LEGAL = {
     "reset": {"running", "paused"},
     "force-stop": {"created", "running", "paused", "crashed"},
     "snapshot": {"paused"},
+    "disk-overlay": {"paused"},
     "nic-link": {"created", "running", "paused"},
 }
 

@@ -68,6 +68,11 @@ class NicLinkRequest(msgspec.Struct, forbid_unknown_fields=True):
     up: bool
 
 
+class DiskOverlayRequest(msgspec.Struct, forbid_unknown_fields=True):
+    disk: int
+    path: str
+
+
 Handler = Callable[["VmControl", str, bytes], Reply]
 
 
@@ -149,6 +154,21 @@ def _snapshot(control: VmControl, what: str, body: bytes) -> Reply:
     return _json_reply(control.snapshot(path))
 
 
+def _disk_overlay(control: VmControl, what: str, body: bytes) -> Reply:
+    req = _decode(what, body, DiskOverlayRequest, required=True)
+    assert req is not None
+    if not 0 <= req.disk < 256:
+        raise _Fault(400, f"disk: {req.disk} is not a disk index")
+    path = req.path
+    if "\0" in path:
+        raise _Fault(400, "path: contains a NUL character")
+    if len(path.encode("utf-8", "surrogatepass")) > _PATH_MAX:
+        raise _Fault(400, f"path: longer than {_PATH_MAX} bytes")
+    if not os.path.isabs(path) or path == "/":
+        raise _Fault(400, f"path: must be an absolute path of a file to create, not {path!r}")
+    return _json_reply(control.disk_overlay(req.disk, path))
+
+
 def _nic_link(control: VmControl, what: str, body: bytes) -> Reply:
     req = _decode(what, body, NicLinkRequest, required=True)
     assert req is not None
@@ -183,6 +203,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/vm/stop": {"PUT": _action("force_stop")},
     "/vm/snapshot": {"PUT": _snapshot},
     "/vm/nic-link": {"PUT": _nic_link},
+    "/vm/disk-overlay": {"PUT": _disk_overlay},
     "/metrics": {"GET": _get_metrics},
     "/version": {"GET": _get_version},
     "/openapi.json": {"GET": _get_openapi},

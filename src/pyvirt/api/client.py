@@ -132,6 +132,13 @@ class VmClient:
         """NIC ``nic``'s link up or down (down: the cable pulled)."""
         self.request("PUT", "/vm/nic-link", json_body={"nic": nic, "up": up})
 
+    def disk_overlay(self, disk: int, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Put a new qcow2 overlay at ``path`` on disk ``disk`` of the paused VM
+        (made absolute here); returns ``{"disk", "path", "backing"}``."""
+        body = {"disk": disk, "path": os.path.abspath(os.fspath(path))}
+        resp = self.request("PUT", "/vm/disk-overlay", json_body=body)
+        return cast(dict[str, Any], self._json(resp, "PUT /vm/disk-overlay"))
+
     def snapshot(self, path: str | os.PathLike[str]) -> SnapshotResult:
         """Snapshot the paused VM into the new directory ``path`` (made
         absolute here: the VMM's working directory is not the caller's)."""

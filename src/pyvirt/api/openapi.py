@@ -122,6 +122,29 @@ _SCHEMAS: dict[str, Any] = {
         },
         "additionalProperties": False,
     },
+    "DiskOverlayRequest": {
+        "type": "object",
+        "required": ["disk", "path"],
+        "properties": {
+            "disk": {"type": "integer", "minimum": 0, "maximum": 255,
+                     "description": "The disk's index (disks[N] of the configuration; vda is 0)."},
+            "path": {"type": "string", "minLength": 2, "maxLength": 4096, "pattern": "^/",
+                     "description": "Absolute path of the qcow2 overlay to create (it must "
+                                    "not exist; beneath the snapshot root)."},
+        },
+        "additionalProperties": False,
+    },
+    "DiskOverlayResult": {
+        "type": "object",
+        "required": ["disk", "path", "backing"],
+        "properties": {
+            "disk": {"type": "integer", "minimum": 0},
+            "path": {"type": "string", "description": "The new top image."},
+            "backing": {"type": "string", "description": "The old top image, now its "
+                                                         "read-only backing file."},
+        },
+        "additionalProperties": False,
+    },
     "SnapshotResult": {
         "type": "object",
         "required": ["path", "memory_bytes_written", "seconds"],
@@ -205,6 +228,27 @@ def document() -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "The snapshot was written.", "content": {
                         _JSON: {"schema": {"$ref": "#/components/schemas/SnapshotResult"}}}},
+                    "400": _ref("BadRequest"),
+                    "409": _ref("Refused"),
+                    "415": _ref("UnsupportedMediaType"),
+                    "500": _ref("InternalError"),
+                },
+            }},
+            "/vm/disk-overlay": {"put": {
+                "summary": "Put a new qcow2 overlay on top of a disk",
+                "description": ("Flush the disk, create a qcow2 image at path whose backing "
+                                "file is the disk's current top image (absolute name, format "
+                                "recorded), and go on writing there; the old top is kept open "
+                                "read-only as its backing chain. Legal when the VM is paused; "
+                                "otherwise 409. A disk the VM does not have, a read-only disk, "
+                                "a path that exists or lies outside the snapshot root is a "
+                                "400. Any failure leaves the old top in use and no new file."),
+                "operationId": "disk_overlay",
+                "requestBody": {"required": True, "content": {_JSON: {
+                    "schema": {"$ref": "#/components/schemas/DiskOverlayRequest"}}}},
+                "responses": {
+                    "200": {"description": "The disk now writes to the overlay.", "content": {
+                        _JSON: {"schema": {"$ref": "#/components/schemas/DiskOverlayResult"}}}},
                     "400": _ref("BadRequest"),
                     "409": _ref("Refused"),
                     "415": _ref("UnsupportedMediaType"),

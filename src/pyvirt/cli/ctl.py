@@ -96,6 +96,20 @@ def snapshot(ctx: click.Context, directory: Path) -> None:
 
 
 @ctl.command()
+@click.argument("disk", type=click.IntRange(0, 255))
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@click.pass_context
+def overlay(ctx: click.Context, disk: int, path: Path) -> None:
+    """Put a new qcow2 overlay at PATH on top of disk DISK (0 is vda) of the paused VM;
+    the disk goes on writing there, its old top image becomes the read-only backing file."""
+    def go(vm: Any) -> None:
+        res = vm.disk_overlay(disk, path)
+        click.echo(f"disk {res.get('disk', disk)}: now on {res.get('path', path)} "
+                   f"(backing file {res.get('backing', '?')})")
+    _act(ctx, go)
+
+
+@ctl.command()
 @click.argument("nic", type=click.IntRange(0, 255))
 @click.argument("state", type=click.Choice(["up", "down"]))
 @click.pass_context

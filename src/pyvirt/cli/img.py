@@ -30,6 +30,9 @@ import click
 
 from pyvirt.cli.main import _guarded
 from pyvirt.disk.backend import DiskBackend, DiskError, Extent
+from pyvirt.disk.copy import copy_content as _copy
+from pyvirt.disk.copy import extents as _extents
+from pyvirt.disk.copy import read_range as _read
 from pyvirt.errors import PyvirtError
 
 if TYPE_CHECKING:
@@ -154,27 +157,6 @@ def _stderr_console() -> Any:
 
 def _run(ctx: click.Context, fn: Callable[[], int]) -> None:
     sys.exit(_guarded(ctx, fn))
-
-
-def _extents(disk: DiskBackend, start: int = 0, end: int | None = None) -> Iterator[Extent]:
-    """``disk``'s block status from ``start`` to ``end``, extent by extent; an
-    extent of length 0 (a backend bug) cannot make this loop forever."""
-    end = disk.size if end is None else end
-    offset = start
-    while offset < end:
-        ext = disk.block_status(offset, end - offset)
-        if ext.length <= 0:
-            ext = Extent(offset, min(512, end - offset), data=True, zero=False, present=True,
-                         depth=0)
-        yield ext
-        offset += ext.length
-
-
-def _read(disk: DiskBackend, offset: int, length: int) -> bytearray:
-    buf = bytearray(length)
-    if length:
-        disk.readv([memoryview(buf)], offset)
-    return buf
 
 
 @contextlib.contextmanager
@@ -506,50 +488,6 @@ def check(ctx: click.Context, fmt: str | None, repair: str | None, output: str, 
 
 
 # -- convert -------------------------------------------------------------------
-
-
-def _copy(src: DiskBackend, dst: DiskBackend, *, sparse: int, base: DiskBackend | None,
-          tick: Callable[[int], None]) -> None:
-    """Copy ``src``'s content onto the new image ``dst`` (zeros where it is
-    not written); ``sparse``: zero runs of this many bytes are not written (0:
-    write everything); ``base``: ``dst``'s backing file, only what differs
-    from it is written."""
-    step = sparse if sparse else 4096
-    for ext in _extents(src):
-        known_zero = ext.zero and not ext.data
-        if known_zero and sparse and base is None:
-            tick(ext.length)
-            continue
-        offset, end = ext.offset, ext.offset + ext.length
-        while offset < end:
-            n = min(_CHUNK, end - offset)
-            data = bytearray(n) if known_zero else _read(src, offset, n)
-            old: bytearray | None
-            if base is not None:
-                old = _read(base, offset, min(n, max(0, base.size - offset)))
-                old += bytes(n - len(old))
-            else:
-                old = bytearray(n) if sparse else None  # what the new image reads
-            if old is not None and data == old:
-                offset += n
-                tick(n)
-                continue
-            # pieces aligned to `step` in the guest view; bytes compares run in C
-            pos = 0
-            run_start = -1
-            while pos < n:
-                k = min(step - (offset + pos) % step, n - pos)
-                same = old is not None and data[pos:pos + k] == old[pos:pos + k]
-                if not same and run_start < 0:
-                    run_start = pos
-                if same and run_start >= 0:
-                    dst.writev([memoryview(data)[run_start:pos]], offset + run_start)
-                    run_start = -1
-                pos += k
-            if run_start >= 0:
-                dst.writev([memoryview(data)[run_start:n]], offset + run_start)
-            offset += n
-            tick(n)
 
 
 @img.command()

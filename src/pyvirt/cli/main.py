@@ -23,6 +23,7 @@ from pyvirt.errors import PyvirtError
 
 if TYPE_CHECKING:
     from pyvirt.vmm.config import VmConfig
+    from pyvirt.vmm.runner import ExitFile
 
 __all__ = ["cli", "main", "one_line"]
 
@@ -47,10 +48,13 @@ class _LazyGroup(click.Group):
     ``pyvirt run`` pays nothing for them at start-up."""
 
     _lazy = {"ctl": ("pyvirt.cli.ctl", "ctl"),
-             "img": ("pyvirt.cli.img", "img")}  # disk images: qemu-img's verbs
+             "img": ("pyvirt.cli.img", "img"),  # disk images: qemu-img's verbs
+             "daemon": ("pyvirt.manager.daemon", "daemon")}  # pyvirtd
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *self._lazy])
+        from pyvirt.cli.virsh import VERBS
+
+        return sorted({*super().list_commands(ctx), *self._lazy, *VERBS})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self._lazy:
@@ -59,15 +63,25 @@ class _LazyGroup(click.Group):
             module, attr = self._lazy[cmd_name]
             cmd: click.Command = getattr(importlib.import_module(module), attr)
             return cmd
-        return super().get_command(ctx, cmd_name)
+        found = super().get_command(ctx, cmd_name)
+        if found is None:  # virsh's verbs against pyvirtd (cli/virsh.py)
+            from pyvirt.cli import virsh
+
+            if cmd_name in virsh.VERBS:
+                verb: click.Command = getattr(virsh, virsh.VERBS[cmd_name])
+                return verb
+        return found
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show debug logs and tracebacks.")
+@click.option("-c", "--connect", "uri", metavar="URI", envvar="PYVIRT_URI",
+              help="The daemon the virsh verbs talk to: unix:///PATH, ssh://[USER@]HOST[/SOCK] "
+                   "or https://HOST:PORT (default: $PYVIRT_URI, else the local daemon).")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, uri: str | None) -> None:
     """pyvirt: run virtual machines on KVM or on a software CPU."""
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": debug, "uri": uri}
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="pyvirt: %(levelname)s %(name)s: %(message)s")
 
@@ -126,6 +140,16 @@ def cli(ctx: click.Context, debug: bool) -> None:
                    "only --console and --disk may replace its console and disk paths). The VM "
                    "starts paused unless --resume is given.")
 @click.option("--resume", is_flag=True, help="With --restore: run the guest at once.")
+@click.option("--exit-file", type=click.Path(path_type=Path, dir_okay=False), metavar="PATH",
+              help="When pyvirt ends, write there one JSON object saying how: outcome "
+                   "(poweroff, reboot, stopped, crash or error), detail, exit_status, time, "
+                   "boot_count (README: Run by a daemon). Created at start; empty if pyvirt "
+                   "is killed.")
+@click.option("--fd", "fds", multiple=True, metavar="PATH=N[,N2]|tap:IFNAME=N",
+              help="Use the inherited open file descriptor N wherever PATH (a kernel, initrd "
+                   "or disk image, or one of its backing files) would be opened, N2 being an "
+                   "optional second one of the same file without O_DIRECT (qcow2 metadata "
+                   "under cache=none); tap:IFNAME=N: the open TAP IFNAME (repeatable).")
 @click.option("--snapshot-root", type=click.Path(path_type=Path, file_okay=False),
               metavar="DIR",
               help="Where snapshots may be written while the sandbox is on (default: the API "
@@ -136,7 +160,7 @@ def run(ctx: click.Context, config_file: Path | None, print_config: bool, kernel
         console_spec: str, disks: tuple[str, ...], nets: tuple[str, ...],
         vsock_spec: str | None, name: str | None, rng: bool, on_reboot: str, sandbox: str,
         verbose: bool, api_socket: Path | None, restore: Path | None, resume: bool,
-        snapshot_root: Path | None) -> None:
+        exit_file: Path | None, fds: tuple[str, ...], snapshot_root: Path | None) -> None:
     """Boot a VM in the foreground (the default guest when no --kernel is given).
 
     The serial console is on this terminal: Ctrl-A x quits. Commands piped
@@ -164,17 +188,27 @@ def run(ctx: click.Context, config_file: Path | None, print_config: bool, kernel
         return [p.opts[0] for p in ctx.command.params if p.name in names
                 and ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT]
 
+    exit_record: list[ExitFile] = []  # created first thing: set-up errors go there too
+
     def go() -> int:
         nonlocal describe
-        from pyvirt.vmm.runner import RunOptions
+        from pyvirt.vmm.runner import ExitFile, RunOptions
 
+        if exit_file is not None:
+            try:
+                exit_record.append(ExitFile.create(exit_file))
+            except ConfigError as exc:
+                raise ConfigError(f"--exit-file {exc.detail}") from None
+        for spec in fds:
+            _hand_fd(spec)
+        ef = exit_record[0] if exit_record else None
         if resume and restore is None:
             raise ConfigError("--resume: only with --restore")
         if restore is not None:
             if config_file is not None or print_config:
                 raise ConfigError("--restore: the snapshot holds the configuration; "
                                   "--config and --print-config cannot be given with it")
-            given = explicit(*(set(_RUN_FIELDS) - {"console_spec", "disks", "verbose"}))
+            given = explicit(*(set(_RUN_FIELDS) - {"console_spec", "disks", "nets", "verbose"}))
             if given:
                 raise ConfigError(f"--restore: {', '.join(given)} cannot be given with it "
                                   "(the snapshot holds the configuration)")
@@ -187,6 +221,9 @@ def run(ctx: click.Context, config_file: Path | None, print_config: bool, kernel
             if disks:
                 overrides["disks"] = [parse_disk(x).to_dict() for x in disks]
                 flags.update({f"disks[{n}]": ("--disk", d) for n, d in enumerate(disks)})
+            if nets:  # the daemon's TAPs are new at each start: same NICs, new names
+                overrides["nics"] = [n.to_dict() for n in map(parse_net, nets) if n is not None]
+                flags.update({f"nics[{n}]": ("--net", x) for n, x in enumerate(nets)})
             describe = functools.partial(_as_flags, flags)
             snap = read_snapshot(restore, overrides=overrides)
             cfg = snap.config
@@ -198,7 +235,7 @@ def run(ctx: click.Context, config_file: Path | None, print_config: bool, kernel
 
             try:
                 return run_vm(cfg, options=RunOptions(api_socket=api_socket, restore=snap,
-                                                      start=resume,
+                                                      start=resume, exit_file=ef,
                                                       snapshot_root=snapshot_root))
             finally:
                 snap.close()
@@ -254,10 +291,48 @@ def run(ctx: click.Context, config_file: Path | None, print_config: bool, kernel
             return 0
         from pyvirt.vmm.runner import run_vm
 
-        return run_vm(cfg, options=RunOptions(api_socket=api_socket,
+        return run_vm(cfg, options=RunOptions(api_socket=api_socket, exit_file=ef,
                                               snapshot_root=snapshot_root))
 
-    sys.exit(_guarded(ctx, go, lambda exc: describe(exc)))
+    def recorded() -> int:
+        try:
+            status = go()
+            if exit_record:  # --print-config: nothing ran
+                exit_record[0].write("stopped", "configuration printed", status, 0)
+            return status
+        except PyvirtError as exc:
+            if exit_record:  # run_vm wrote it already when the error came from there
+                exit_record[0].write("error", describe(exc), exc.exit_status, 0)
+            raise
+        finally:
+            for record in exit_record:
+                record.close()
+
+    sys.exit(_guarded(ctx, recorded, lambda exc: describe(exc)))
+
+
+def _hand_fd(spec: str) -> None:
+    """``--fd PATH=N[,N2]`` or ``--fd tap:IFNAME=N``: record the inherited fds
+    (``pyvirt.hostfile.handed``)."""
+    from pyvirt.hostfile import hand, hand_tap
+    from pyvirt.vmm.config import ConfigError
+
+    name, sep, numbers = spec.rpartition("=")
+    parts = numbers.split(",")
+    if not sep or not name or not 1 <= len(parts) <= 2 or not all(
+            p.isdigit() and len(p) < 10 for p in parts):
+        raise ConfigError(f"--fd {spec!r}: expected PATH=N[,N2] or tap:IFNAME=N "
+                          "(N an open file descriptor)")
+    nums = [int(p) for p in parts]
+    if any(n < 3 for n in nums):
+        raise ConfigError(f"--fd {spec}: fd {min(nums)} is stdin, stdout or stderr")
+    if name.startswith("tap:"):
+        if len(nums) != 1:
+            raise ConfigError(f"--fd {spec}: a TAP takes one fd")
+        hand_tap(name[4:], nums[0], error=ConfigError, what=f"--fd {spec}")
+        return
+    hand(Path(name), nums[0], nums[1] if len(nums) > 1 else None, error=ConfigError,
+         what=f"--fd {spec}")
 
 
 #: the options of ``run`` that are configuration fields (refused with --config)

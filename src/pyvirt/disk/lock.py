@@ -32,7 +32,7 @@ from pathlib import Path
 from pyvirt.disk.backend import DiskError, ImageFile
 from pyvirt.hostfile import FileIdentity, identity, open_host_file
 
-__all__ = ["open_image_file"]
+__all__ = ["open_image_file", "relock_readonly"]
 
 _FLOCK = struct.Struct("@hhqqi4x")  # struct flock on x86-64 Linux
 
@@ -148,6 +148,23 @@ def _lock(fd: int, readonly: bool) -> str | None:
         if unshared & bit and _conflict(fd, PERM_BASE + bit.bit_length() - 1)[0]:
             return f"another user holds {name}"
     return None
+
+
+def relock_readonly(fd: int) -> None:
+    """Downgrade a writer's lock bytes on ``fd`` to a reader's (the image becomes a
+    backing file): the write permission is given up; what others may not do
+    (write, resize) stays refused, as for any read-only image."""
+    held_rw, _ = _perms(False)
+    held_ro, _ = _perms(True)
+    for bit in _PERM_NAMES:
+        if held_rw & bit and not held_ro & bit:
+            arg = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, PERM_BASE + bit.bit_length() - 1, 1, 0)
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                fcntl.fcntl(fd, fcntl.F_SETLK, arg)
 
 
 def _holder(fd: int, st: os.stat_result, readonly: bool) -> str:

@@ -21,6 +21,7 @@ Import-light: the qcow2 code is imported only when a qcow2 image is opened.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from collections.abc import Collection, Mapping
@@ -31,7 +32,7 @@ from pyvirt.disk.lock import open_image_file
 from pyvirt.disk.raw import RawDisk
 from pyvirt.hostfile import FileIdentity
 
-__all__ = ["FORMATS", "QCOW2_MAGIC", "open_disk", "probe_format"]
+__all__ = ["FORMATS", "QCOW2_MAGIC", "open_disk", "open_overlay", "probe_format"]
 
 QCOW2_MAGIC = b"QFI\xfb"
 FORMATS = ("raw", "qcow2")
@@ -145,3 +146,41 @@ def _open_qcow2(file: ImageFile, *, what: str, others: Mapping[FileIdentity, str
     except (OSError, ValueError, OverflowError, ArithmeticError) as exc:
         # a hostile image must never take us down with a traceback
         raise DiskError(f"{what}: {path}: cannot open as qcow2: {exc}") from None
+
+
+def open_overlay(top: DiskBackend, path: Path, *, what: str,
+                 limits: ChainLimits | None = None) -> DiskBackend:
+    """Create a qcow2 image at ``path`` (which must not exist) over ``top`` (an open
+    disk: its absolute path and format recorded as the backing file) and open
+    it writable with ``top``'s open chain as its backing. ``top`` itself is not
+    touched (the caller downgrades it: ``make_readonly``). On any failure the
+    new file is removed and ``top`` is left as it was; errors are one
+    ``DiskError`` line naming ``what``."""
+    from pyvirt.disk.qcow2 import Qcow2Disk, create_qcow2
+
+    lim = limits if limits is not None else ChainLimits()
+    if len(top.chain()) >= lim.max_depth:
+        raise DiskError(f"{what}: the backing chain would be deeper than {lim.max_depth} images")
+    backing = os.path.abspath(top.path)
+    try:
+        create_qcow2(path, top.size, backing=backing, backing_format=top.format)
+    except DiskError as exc:
+        raise DiskError(f"{what}: {path}: {exc}") from None
+    except OSError as exc:
+        raise DiskError(f"{what}: {path}: cannot create: {exc.strerror or exc}") from None
+    disk: Qcow2Disk | None = None
+    try:
+        file = open_image_file(path, readonly=False, direct=top.direct, what=what,
+                               others={top.identity: str(top.path)})
+        disk = Qcow2Disk.open(file, what=what, open_backing=None, limits=lim)
+        if disk.size != top.size:
+            raise DiskError(f"{what}: {path}: the new image has {disk.size} bytes, "
+                            f"not {top.size}")
+        disk.backing = top
+        return disk
+    except BaseException:
+        if disk is not None:
+            disk.close()  # no backing yet: top stays open
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise

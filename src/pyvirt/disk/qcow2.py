@@ -73,6 +73,7 @@ from pyvirt.disk.qcow2_header import (
     Qcow2Header,
     parse_header,
 )
+from pyvirt.hostfile import handed_second
 
 __all__ = ["Qcow2Disk", "create_qcow2"]
 
@@ -259,7 +260,10 @@ class Qcow2Disk:
         fallback without OFD locks, drops when either closes: both close together)."""
         flags = (os.O_RDONLY if file.readonly else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY
         try:
-            fd = os.open(f"/proc/self/fd/{file.fd}", flags)
+            # the daemon's second fd when it handed the file (the VMM may not open it)
+            fd = handed_second(file.path, readonly=file.readonly)
+            if fd is None:
+                fd = os.open(f"/proc/self/fd/{file.fd}", flags)
         except OSError as exc:
             raise DiskError(f"{what}: {file.path}: cannot reopen for metadata I/O "
                             f"(cache=none): {exc.strerror}") from None
@@ -649,20 +653,37 @@ class Qcow2Disk:
             self._hot = {k: v for k, v in self._hot.items() if k < keep << self._l2_bits}
             self._flush_locked()
 
+    def _settle(self) -> None:
+        """Everything written out and the dirty bit cleared: the image as a clean
+        close leaves it."""
+        with self._lock:
+            self._drain()
+            self._flush_locked()
+            self._flush_locked()  # writes the blocks the applied frees dirtied
+            if self._dirty_on_disk:
+                self._h.incompatible &= ~INCOMPAT_DIRTY
+                os.pwrite(self._fd, _Q.pack(self._h.incompatible), 72)
+                os.fdatasync(self._fd)
+                self._dirty_on_disk = False
+
+    def make_readonly(self) -> None:
+        """Stop writing this image, which becomes the backing file of a new overlay
+        (``pyvirt.disk.open.open_overlay``): settled as a close would, its lock
+        downgraded to a reader's. Callers have no request in flight."""
+        if self.readonly:
+            return
+        from pyvirt.disk.lock import relock_readonly
+
+        self._settle()
+        relock_readonly(self._file.fd)
+        self.readonly = self._file.readonly = True
+
     def close(self) -> None:
         if self._closed:
             return
         try:
             if not self.readonly:
-                with self._lock:
-                    self._drain()
-                    self._flush_locked()
-                    self._flush_locked()  # writes the blocks the applied frees dirtied
-                    if self._dirty_on_disk:
-                        self._h.incompatible &= ~INCOMPAT_DIRTY
-                        os.pwrite(self._fd, _Q.pack(self._h.incompatible), 72)
-                        os.fdatasync(self._fd)
-                        self._dirty_on_disk = False
+                self._settle()
         finally:
             self._closed = True
             try:

@@ -209,6 +209,17 @@ class RawDisk:
             raise DiskError(f"{self.path}: cannot resize: {exc.strerror}") from None
         self.size = new_size
 
+    def make_readonly(self) -> None:
+        """Stop writing this image, which becomes the backing file of a new overlay:
+        synced, its lock downgraded to a reader's."""
+        if self.readonly:
+            return
+        from pyvirt.disk.lock import relock_readonly
+
+        os.fdatasync(self.file.fd)
+        relock_readonly(self.file.fd)
+        self.readonly = self.file.readonly = True
+
     def close(self) -> None:
         self.file.close()
 

@@ -168,6 +168,10 @@ def open_tap(name: str, *, create: bool = True, bridge: str | None = None,
     vnet header; with ``bridge``, make it a port of that bridge. Errors are one
     ``NetConfigError`` line starting with ``what``."""
     _check_ifname(name, what, "TAP")
+    from pyvirt.hostfile import handed_taps
+
+    if name in handed_taps and bridge is None:
+        return _handed_tap(name, handed_taps[name], what)
     if bridge is not None:
         _check_ifname(bridge, what, "bridge")
         if not _exists(bridge):
@@ -209,6 +213,36 @@ def open_tap(name: str, *, create: bool = True, bridge: str | None = None,
         else:
             os.close(fd)
         raise
+
+
+def _handed_tap(name: str, handed_fd: int, what: str) -> TapBackend:
+    """The TAP the daemon opened for us (``--fd tap:IFNAME=N``): checked with
+    TUNGETIFF to be that interface, with a vnet header and no packet info; the
+    daemon made it and put it on its bridge, so nothing else is configured."""
+    fd = os.dup(handed_fd)  # ours to close; non-inheritable
+    try:
+        try:
+            raw = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ.size))
+        except OSError as exc:
+            raise NetConfigError(what, f"the fd handed for TAP {name} is not an attached TAP "
+                                 f"(TUNGETIFF: {exc.strerror})") from None
+        got, flags = _IFREQ.unpack(raw)
+        got_name = got.split(b"\0", 1)[0].decode(errors="replace")
+        if got_name != name:
+            raise NetConfigError(what, f"the fd handed for TAP {name} is TAP {got_name!r}")
+        want = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+        if flags & want != want:
+            raise NetConfigError(what, f"the fd handed for TAP {name} was not opened with "
+                                 "IFF_TAP | IFF_NO_PI | IFF_VNET_HDR")
+        try:
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+            os.set_blocking(fd, False)
+        except OSError as exc:
+            raise NetConfigError(what, f"TAP {name}: {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return TapBackend(fd, name, created=False)
 
 
 def _configure_link(backend: TapBackend, bridge: str | None, what: str) -> None:

@@ -131,17 +131,22 @@ def policy_for_vm(config: VmConfig, *, mode: SandboxMode, kvm: bool,
     """The policy of a VMM running ``config``: its kernel, initrd, disks (by
     path; read-only disks read-only), console file, /dev/kvm under KVM, and the
     directory snapshots may be written beneath."""
+    from pyvirt.hostfile import is_handed
     from pyvirt.paths import cache_dir
 
-    ro: list[Path] = [config.kernel]
+    ro: list[Path] = []
     rw: list[Path] = []
-    if config.initrd is not None:
-        ro.append(config.initrd)
+    # a handed file (``--fd``) is used through its fd alone: no rule for its path,
+    # which this process may not even be able to name
+    for path in (config.kernel, config.initrd):
+        if path is not None and not is_handed(path):
+            ro.append(path)
     vmlinux = cache_dir() / "vmlinux"
     if vmlinux.is_dir():
         ro.append(vmlinux)  # read-only: a VMM must not plant kernels for the next one
     for disk in config.disks:
-        (ro if disk.readonly else rw).append(disk.path)
+        if not is_handed(disk.path):
+            (ro if disk.readonly else rw).append(disk.path)
     if config.console.kind == "file" and config.console.path is not None:
         rw.append(config.console.path)
     ro.extend(runtime_read_paths())

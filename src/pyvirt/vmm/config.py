@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 from pyvirt.errors import UserInputError
-from pyvirt.hostfile import FileIdentity, describe_mode, identity
+from pyvirt.hostfile import FileIdentity, describe_mode, handed, identity, is_handed
 
 __all__ = [
     "Accel",
@@ -58,7 +58,7 @@ Accel = Literal["auto", "kvm", "emu"]
 OnReboot = Literal["restart", "exit"]
 #: pyvirt.sandbox: "auto" applies what the host supports, "on" all of it or fails
 SandboxSetting = Literal["auto", "on", "off"]
-ConsoleKind = Literal["stdio", "virtio", "none", "file"]
+ConsoleKind = Literal["stdio", "virtio", "none", "file", "socket"]
 CacheMode = Literal["none", "writeback"]
 DiskFormat = Literal["raw", "qcow2"]
 
@@ -73,6 +73,8 @@ ForwardProto = Literal["tcp", "udp"]
 #: sun_path holds 108 bytes with its NUL; guest-initiated vsock connections go to
 #: PATH_PORT, up to 11 more bytes
 MAX_VSOCK_PATH = 107 - len("_4294967295")
+#: a Unix socket's sun_path: 108 bytes with its NUL
+MAX_SOCKET_PATH = 107
 #: a configuration document is a few hundred bytes; this bounds what a file or an
 #: API body can make us parse
 MAX_DOCUMENT = 1 << 20
@@ -118,7 +120,8 @@ def _no_nul(path: Path | str, name: str) -> None:
 
 @dataclass(frozen=True)
 class ConsoleSpec:
-    """Where the guest's console goes: the terminal, nowhere, or a file; ``virtio``
+    """Where the guest's console goes: the terminal, nowhere, a file, or a Unix
+    socket (``socket``: one client at a time, see ``pyvirt.vmm.console``); ``virtio``
     is the terminal through virtio-console (hvc0) instead of the serial port."""
 
     kind: ConsoleKind
@@ -126,13 +129,17 @@ class ConsoleSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(ConsoleKind):
-            raise _enum_error("kind", self.kind, ("stdio", "virtio", "none", "file"))
-        if self.kind == "file":
+            raise _enum_error("kind", self.kind, ("stdio", "virtio", "none", "file", "socket"))
+        if self.kind in ("file", "socket"):
             if self.path is None:
-                raise ConfigError("a file console needs a path", "path")
+                raise ConfigError(f"a {self.kind} console needs a path", "path")
             _no_nul(self.path, "path")
+            if self.kind == "socket" and len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
+                raise ConfigError(f"{self.path}: a Unix socket path holds at most "
+                                  f"{MAX_SOCKET_PATH} bytes", "path")
         elif self.path is not None:
-            raise ConfigError(f"only a file console has a path (kind is {self.kind})", "path")
+            raise ConfigError(f"only a file or socket console has a path (kind is {self.kind})",
+                              "path")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": None if self.path is None else str(self.path)}
@@ -664,17 +671,20 @@ def check_host(config: VmConfig) -> None:
                           f"{_human(host)} of RAM", "memory")
     if config.console.kind == "file" and config.console.path is not None:
         _check_console_file(config.console.path, "console.path")
+    if config.console.kind == "socket" and config.console.path is not None:
+        _check_socket_path(config.console.path, "console.path")
     seen: dict[FileIdentity, int] = {}
     for i, d in enumerate(config.disks):
         where = f"disks[{i}].path"
-        try:
-            st = os.stat(d.path)
+        h = handed.get(os.path.abspath(d.path)) if handed else None
+        try:  # a handed file: its fd (the path may not be ours to open, or even gone)
+            st = os.stat(d.path) if h is None else os.fstat(h.fd)
         except OSError as exc:
             raise ConfigError(f"{d.path}: {_why(exc)}", where) from None
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):  # a FIFO would block open()
             raise ConfigError(f"{d.path} is {describe_mode(st.st_mode)}, "
                               "not a regular file or block device", where)
-        if not os.access(d.path, os.R_OK if d.readonly else os.R_OK | os.W_OK):
+        if h is None and not os.access(d.path, os.R_OK if d.readonly else os.R_OK | os.W_OK):
             raise ConfigError(f"{d.path}: permission denied"
                               + ("" if d.readonly else " (read-only access needs readonly)"),
                               where)
@@ -718,6 +728,8 @@ def _why(exc: OSError) -> str:
 
 
 def _check_boot_file(path: Path, name: str) -> None:
+    if handed and is_handed(path):
+        return  # checked as its handed fd when opened (the path may not be ours to open)
     try:
         kind = os.stat(path).st_mode
     except OSError as exc:
@@ -779,15 +791,18 @@ def parse_size(text: str, *, what: str = "--memory") -> int:
 
 
 def parse_console(text: str) -> ConsoleSpec:
-    """``--console stdio|virtio|none|file:PATH`` (the file is looked at by ``check_host``)."""
+    """``--console stdio|virtio|none|file:PATH|socket:PATH`` (the file or socket
+    directory is looked at by ``check_host``)."""
     if text in ("stdio", "none", "virtio"):
         return ConsoleSpec(text)  # type: ignore[arg-type]
-    if text.startswith("file:") and len(text) > 5:
-        try:
-            return ConsoleSpec("file", Path(text[5:]))
-        except ConfigError as exc:
-            raise ConfigError(f"--console {text}: {exc.detail}") from None
-    raise ConfigError(f"--console {text!r}: expected stdio, virtio, none or file:PATH")
+    for kind in ("file", "socket"):
+        if text.startswith(f"{kind}:") and len(text) > len(kind) + 1:
+            try:
+                return ConsoleSpec(kind, Path(text[len(kind) + 1:]))  # type: ignore[arg-type]
+            except ConfigError as exc:
+                raise ConfigError(f"--console {text}: {exc.detail}") from None
+    raise ConfigError(f"--console {text!r}: expected stdio, virtio, none, file:PATH or "
+                      "socket:PATH")
 
 
 def _onoff(key: str, value: str, spec: str) -> bool:

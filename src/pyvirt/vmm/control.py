@@ -17,6 +17,8 @@ States and the actions legal in each (anything else is refused with
     reset          running, paused     the machine is reset in place (state kept)
     force-stop     any but stopped     the VM stops now, as pulling the plug
     snapshot       paused              configuration, device/vCPU state, RAM to a directory
+    disk-overlay   paused              a new qcow2 overlay over a disk's top image; the disk
+                                       goes on writing there (the old top becomes read-only)
     nic-link       created, running,   a NIC's link up or down (the guest sees the carrier
                    paused              change; a cable pulled and plugged back)
 """
@@ -57,6 +59,7 @@ ACTIONS: dict[str, frozenset[VmState]] = {
     "reset": frozenset({_R, _P}),
     "force-stop": frozenset({_C, _R, _P, VmState.CRASHED}),
     "snapshot": frozenset({_P}),
+    "disk-overlay": frozenset({_P}),
     "nic-link": frozenset({_C, _R, _P}),
 }
 
@@ -70,8 +73,8 @@ def refuse_unless(action: str, state: VmState) -> None:
     allowed = ACTIONS[action]
     if state in allowed:
         return
-    if action == "snapshot" and state is VmState.RUNNING:
-        raise ActionRefused("snapshot: the VM is running; pause it first")
+    if action in ("snapshot", "disk-overlay") and state is VmState.RUNNING:
+        raise ActionRefused(f"{action}: the VM is running; pause it first")
     if action == "resume" and state is VmState.RUNNING:
         raise ActionRefused("resume: the VM is not paused")
     if action == "pause" and state is VmState.PAUSED:
@@ -112,5 +115,7 @@ class VmControl(Protocol):
     def snapshot(self, path: str) -> dict[str, object]: ...
 
     def set_nic_link(self, nic: int, up: bool) -> None: ...
+
+    def disk_overlay(self, disk: int, path: str) -> dict[str, object]: ...
 
     def metrics(self) -> list[MetricFamily]: ...

@@ -40,7 +40,7 @@ from pyvirt.eventloop import EventLoop, Token
 from pyvirt.hypervisor import ExitKind, Hypervisor, Vcpu, VcpuExit, Vm
 from pyvirt.memory import GuestMemory
 from pyvirt.vmm.config import VmConfig
-from pyvirt.vmm.console import Console
+from pyvirt.vmm.console import Console, SocketConsole
 
 if TYPE_CHECKING:
     from pyvirt.pci.root import PciRoot
@@ -114,6 +114,7 @@ class Machine:
         self._outcome: RunResult | None = None
         self._threads: list[threading.Thread] = []
         self._pending_input = b""
+        self._input_retrying = False
         self.boot_params = 0
         self.pci: PciRoot | None = None
         self.pci_devices: list[VirtioPciDevice] = []
@@ -217,6 +218,8 @@ class Machine:
         lets them run). Must be called on the loop's (main) thread."""
         self._wake_token = self.loop.add(self._wake_fd, self._on_wake, name="machine-wake")
         in_fd = self.console.input_fd
+        if isinstance(self.console, SocketConsole):  # it reads its clients itself
+            self.console.attach(self.loop, self.console_input)
         if in_fd is not None:
             try:
                 self._input_token = self.loop.add(in_fd, self._on_input_ready,
@@ -351,6 +354,21 @@ class Machine:
             self._pending_input += data
         if self._pending_input:
             self.loop.call_later(0.01, self._retry_input, name="console-input-retry")
+
+    def console_input(self, data: bytes) -> int:
+        """Input from a console that reads its own fds (the socket console), on the
+        loop thread: queued for the guest. Returns the bytes still waiting (the
+        console stops reading when they pile up)."""
+        self._pending_input += data
+        self._push_input()
+        if self._pending_input and not self._input_retrying:
+            self._input_retrying = True
+            self.loop.call_later(0.01, self._retry_console_input, name="console-input-retry")
+        return len(self._pending_input)
+
+    def _retry_console_input(self) -> None:
+        self._input_retrying = False
+        self.console_input(b"")
 
     def _push_input(self) -> None:
         if self._park or not self._pending_input:

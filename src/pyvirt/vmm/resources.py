@@ -14,8 +14,12 @@ and closes them when the VM ends (``run_vm`` owns it; a context manager):
   its bridge) or a passt process started, once: a guest reboot keeps them;
 - the vsock's listening Unix socket, bound before the sandbox closes the
   file system (the device connects to ``PATH_PORT`` sockets at run time);
-- the console: its output file is created or truncated only by ``start()``,
-  once every input has been checked.
+- the console: its output file is created or truncated (or its socket
+  bound: ``SocketConsole``) only by ``start()``, once every input has been
+  checked, before the sandbox.
+
+A file handed by the caller (``pyvirt run --fd``, ``pyvirt.hostfile.handed``)
+is not opened by path: ``open_host_file`` hands out a duplicate of its fd.
 
 Order of opening: kernel, initrd, disks (locked), NICs, the vsock socket,
 then (``start``) the console; a failure closes what was opened and leaves no
@@ -34,7 +38,7 @@ from typing import TYPE_CHECKING
 from pyvirt.hostfile import FileIdentity, open_host_file
 from pyvirt.loader.errors import LoaderError
 from pyvirt.vmm.config import NicSpec, VmConfig
-from pyvirt.vmm.console import Console
+from pyvirt.vmm.console import Console, make_console
 
 if TYPE_CHECKING:  # virtio-blk and the network are imported only for VMs that have them
     from pyvirt.disk.backend import DiskBackend
@@ -94,7 +98,7 @@ class VmResources:
     def open(cls, config: VmConfig, *, console: Console | None = None) -> VmResources:
         """Open everything ``config`` names (see the module docstring); raises a
         ``UserInputError`` naming the config field (``disks[1].path``) on bad input."""
-        res = cls(config, console if console is not None else Console(config.console))
+        res = cls(config, console if console is not None else make_console(config.console))
         try:
             res.kernel = BootFile.open(config.kernel, "kernel")
             if config.initrd is not None:

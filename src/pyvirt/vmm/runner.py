@@ -6,6 +6,13 @@ guest reboot resets it in place) and the ``VirtualMachine`` that controls it,
 driven by the main thread's event loop (console input, the control API, the
 devices' fds). Stop signals are handled from the first line of ``run_vm`` to
 its last (see ``_StopSignals``).
+
+The exit file (``RunOptions.exit_file``, ``--exit-file``): created before
+anything else (and so before the sandbox), it receives one JSON object in one
+``write`` when the VMM ends, whatever the way: ``{"outcome": "poweroff" |
+"reboot" | "stopped" | "crash" | "error", "detail": one line, "exit_status",
+"time", "boot_count"}`` ("error": set-up failed, ``detail`` the error's line).
+A VMM killed by SIGKILL leaves it empty, which tells its reader just that.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pyvirt.errors import PyvirtError
 from pyvirt.eventloop import EventLoop
 from pyvirt.hypervisor import select_backend
 from pyvirt.vmm.config import ConfigError, VmConfig, check_host
@@ -37,7 +45,8 @@ from pyvirt.vmm.vm import VirtualMachine
 if TYPE_CHECKING:
     from pyvirt.vmm.snapshot import LoadedSnapshot
 
-__all__ = ["STOP_SIGNALS", "RunOptions", "SetupInterrupted", "format_registers", "run_vm"]
+__all__ = ["STOP_SIGNALS", "ExitFile", "RunOptions", "SetupInterrupted", "format_registers",
+           "run_vm"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +108,60 @@ class _StopSignals:
             raise SetupInterrupted(signum)
 
 
+class ExitFile:
+    """The exit record's file (see the module docstring): opened at once, written once."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd = fd
+        self.path = path
+        self.written = False
+
+    @classmethod
+    def create(cls, path: Path) -> ExitFile:
+        """Create (or truncate) ``path``; a ``ConfigError`` naming ``exit_file``."""
+        from pyvirt.hostfile import open_host_file
+
+        try:
+            fd, _ = open_host_file(path, os.O_WRONLY | os.O_CREAT, what="exit_file",
+                                   error=ConfigError)
+        except ConfigError as exc:  # the field apart, so that a caller can name its flag
+            raise ConfigError(str(exc).removeprefix("exit_file: "), "exit_file") from None
+        try:
+            os.ftruncate(fd, 0)
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(f"{path}: {exc.strerror}", "exit_file") from None
+        return cls(fd, path)
+
+    def write(self, outcome: str, detail: str, exit_status: int, boot_count: int) -> None:
+        """The record, in one write (a reader sees all of it or nothing); only the
+        first call writes."""
+        if self.written or self.fd < 0:
+            return
+        self.written = True
+        import json
+        import time
+
+        doc = {"outcome": outcome, "detail": _one_line(detail), "exit_status": exit_status,
+               "time": time.time(), "boot_count": boot_count}
+        data = (json.dumps(doc) + "\n").encode()
+        try:
+            os.pwrite(self.fd, data, 0)
+        except OSError as exc:
+            log.warning("cannot write the exit file %s: %s", self.path, exc.strerror)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _one_line(text: str) -> str:
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else " " for c in text)
+    return text[:1000]
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """How this process runs the VM (not part of the VM's configuration)."""
@@ -113,6 +176,10 @@ class RunOptions:
     #: where snapshots may be written while sandboxed (None: the API socket's
     #: directory when there is an API, else anywhere without a sandbox)
     snapshot_root: Path | None = None
+    #: write the exit record here (see the module docstring); an ``ExitFile``
+    #: already created by the caller (the CLI, to record its own set-up errors) is
+    #: written but not closed
+    exit_file: Path | ExitFile | None = None
 
 
 def run_vm(config: VmConfig, *, on_ready: Callable[[VmResources], None] | None = None,
@@ -130,21 +197,65 @@ def run_vm(config: VmConfig, *, on_ready: Callable[[VmResources], None] | None =
     shell reports a command killed by it.
     """
     opts = options or RunOptions()
+    exit_file: ExitFile | None = None
+    owned = False
     with _StopSignals() as signals:
         try:
-            return _run(config, signals, on_ready, opts)
-        except SetupInterrupted as exc:
-            if signals.guest_ran:
-                sys.stderr.write(f"pyvirt: terminating on {exc}\n")
-                return 0
-            sys.stderr.write(f"pyvirt: terminating on {exc} during set-up\n")
-            return 128 + exc.signum
+            if isinstance(opts.exit_file, ExitFile):
+                exit_file = opts.exit_file
+            elif opts.exit_file is not None:
+                exit_file, owned = ExitFile.create(opts.exit_file), True
+            record = _Record()
+            try:
+                status = _run(config, signals, on_ready, opts, record)
+            except SetupInterrupted as exc:
+                if signals.guest_ran:
+                    sys.stderr.write(f"pyvirt: terminating on {exc}\n")
+                    status = 0
+                    record.set("stopped", f"terminating on {exc}")
+                else:
+                    sys.stderr.write(f"pyvirt: terminating on {exc} during set-up\n")
+                    status = 128 + exc.signum
+                    record.set("stopped", f"terminating on {exc} during set-up")
+            except PyvirtError as exc:
+                if exit_file is not None:
+                    exit_file.write("error", str(exc), exc.exit_status, record.boot_count)
+                raise
+            except Exception as exc:
+                if exit_file is not None:
+                    exit_file.write("error", f"internal error: {exc}", 1, record.boot_count)
+                raise
+            if exit_file is not None:
+                exit_file.write(record.outcome, record.detail, status, record.boot_count)
+            return status
         finally:
             signals.raising = False
+            if owned and exit_file is not None:
+                exit_file.close()
+
+
+class _Record:
+    """How the run ended, for the exit file."""
+
+    def __init__(self) -> None:
+        self.outcome = "error"
+        self.detail = "set-up did not complete"
+        self.boot_count = 0
+        self.vm: VirtualMachine | None = None
+
+    def set(self, outcome: str, detail: str) -> None:
+        self.outcome, self.detail = outcome, detail
+        if self.vm is not None:
+            self.boot_count = self.vm.boot_count
+
+
+_OUTCOME_WORDS = {Outcome.POWEROFF: "poweroff", Outcome.RESET: "reboot",
+                  Outcome.STOPPED: "stopped", Outcome.CRASH: "crash"}
 
 
 def _run(config: VmConfig, signals: _StopSignals,
-         on_ready: Callable[[VmResources], None] | None, opts: RunOptions) -> int:
+         on_ready: Callable[[VmResources], None] | None, opts: RunOptions,
+         record: _Record) -> int:
     check_host(config)  # the user hears about files and RAM first, by field
     hv, choice = select_backend(config.accel)
     if config.cpus > hv.max_vcpus():
@@ -186,6 +297,7 @@ def _run(config: VmConfig, signals: _StopSignals,
                 root = Path(os.path.abspath(opts.api_socket)).parent
             vm = VirtualMachine(machine, backend=choice.name, backend_detail=detail,
                                 snapshot_root=root, on_message=console.message)
+            record.vm = vm
             if opts.api_socket is not None:
                 from pyvirt.api.server import ApiServer
 
@@ -213,6 +325,7 @@ def _run(config: VmConfig, signals: _StopSignals,
             loop.run_until(lambda: machine.finished)
             result = machine.outcome
             assert result is not None
+            record.set(_OUTCOME_WORDS.get(result.outcome, "crash"), result.detail)
         return _report(console, result)
 
 

@@ -9,6 +9,7 @@ crash ends the VM). Everything here runs on the event loop's (main) thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -121,6 +122,73 @@ class VirtualMachine:
                                 "(see --snapshot-root)")
         return write_snapshot(self.machine, self.snapshot_config_doc(), self.backend,
                               self.backend_detail, target)
+
+    def disk_overlay(self, disk: int, path: str) -> dict[str, object]:
+        """A new qcow2 image at ``path`` over disk ``disk``'s top image, on which the
+        disk goes on (paused only: nothing in flight). The old top is flushed,
+        recorded as the backing file (absolute name and format) and kept open as
+        the new image's backing chain, read-only from now on. Any failure leaves
+        the old top in use and no new file behind. ``path`` must not exist and
+        lies beneath the snapshot root when there is one (the sandbox)."""
+        self._require("disk-overlay")
+        import dataclasses
+
+        from pyvirt.disk.backend import DiskError
+        from pyvirt.disk.open import open_overlay
+
+        m = self.machine
+        disks = m.resources.disks
+        if not 0 <= disk < len(disks):
+            raise UserInputError(f"disk: the VM has no disk {disk} "
+                                 f"({f'0 to {len(disks) - 1}' if disks else 'it has none'})")
+        if "\0" in path or not os.path.isabs(path) or path == "/":
+            raise UserInputError(f"path: must be the absolute path of a file to create, "
+                                 f"not {path[:200]!r}")
+        target = Path(os.path.abspath(path))
+        root = self.snapshot_root
+        if root is not None and not target.is_relative_to(root):
+            raise UserInputError(f"path: {target} is outside the snapshot directory {root}, "
+                                 "the only place this sandboxed VMM may write "
+                                 "(see --snapshot-root)")
+        if os.path.lexists(target):
+            raise UserInputError(f"path: {target} exists")
+        old = disks[disk]
+        spec = m.config.disks[disk]
+        name = f"vd{chr(ord('a') + disk)}"
+        if old.readonly:
+            raise UserInputError(f"disk: disk {disk} ({name}, {old.path}) is read-only: "
+                                 "it needs no overlay")
+        device: Any = m.devices.get(f"disk-{name}")
+        if device is None or not device.quiesce(5.0):
+            raise ActionRefused(f"disk-overlay: disk {disk} ({name}) still has requests "
+                                "in flight")
+        what = f"disks[{disk}]"
+        try:
+            old.flush()
+        except OSError as exc:
+            raise DiskError(f"{what}: flushing {old.path} failed: "
+                            f"{exc.strerror or exc}") from None
+        new = open_overlay(old, target, what=what)
+        try:
+            old_any: Any = old
+            old_any.make_readonly()
+        except BaseException as exc:
+            new_any: Any = new
+            new_any.backing = None  # the old top stays the disk's: close only the new file
+            new.close()
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+            if isinstance(exc, OSError):
+                raise DiskError(f"{what}: {old.path}: cannot stop writing it: "
+                                f"{exc.strerror or exc}") from None
+            raise
+        device.disk = new
+        disks[disk] = new
+        new_disks = list(m.config.disks)
+        new_disks[disk] = dataclasses.replace(spec, path=target, format="qcow2")
+        m.config = m.resources.config = dataclasses.replace(m.config, disks=tuple(new_disks))
+        log.info("%s: now on the overlay %s over %s", name, target, old.path)
+        return {"disk": disk, "path": str(target), "backing": os.path.abspath(old.path)}
 
     def set_nic_link(self, nic: int, up: bool) -> None:
         """Pull a NIC's cable out (``up`` False) or plug it back: the guest's driver sees
