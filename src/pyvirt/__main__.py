@@ -1,3 +1,3 @@
-from pyvirt.cli.main import main
+from pyvirt.cli import main
 
 main()

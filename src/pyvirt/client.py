@@ -14,15 +14,15 @@ URIs:
   ``https://host:port[?ca=FILE&token_file=F]``: TCP + TLS with a bearer token
      (``$PYVIRT_TOKEN`` or the file's first line).
 
-Only the standard library is imported (``http.client``): ``pyvirt list`` starts
-fast. Errors: ``ClientError`` (the daemon refused: its status, code, message and
+Only the standard library is imported, and not even ``http.client`` for a local
+or ssh daemon (``pyvirt._httpclient``; https loads it): ``pyvirt list`` starts fast.
+Errors: ``ClientError`` (the daemon refused: its status, code, message and
 field) and ``ConnectionFailed`` (no daemon reached), both one line.
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import socket
@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
+from pyvirt._httpclient import BadAnswer, RemoteDisconnected, UnixConnection
 from pyvirt.errors import PyvirtError
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ __all__ = ["Client", "ClientError", "ConnectionFailed", "TaskFailed", "default_u
 
 #: the remote socket an ssh:// URI without a path reaches (a root daemon's)
 REMOTE_SOCKET = "/run/pyvirt/pyvirtd.sock"
-_RETRYABLE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+_RETRYABLE = (RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 #: bytes per write of a streamed upload (http.client's default is 8 KiB)
 _BLOCK = 1 << 20
 
@@ -88,22 +89,17 @@ def default_uri() -> str:
     return f"unix://{run}/pyvirtd.sock"
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP/1.1 over a Unix stream socket."""
+_Conn = Any  # UnixConnection, or http.client.HTTPSConnection for https
+_Resp = Any
 
-    def __init__(self, path: str, timeout: float | None) -> None:
-        super().__init__("localhost", timeout=timeout, blocksize=_BLOCK)
-        self.path = path
 
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.settimeout(self.timeout)
-            s.connect(self.path)
-        except BaseException:
-            s.close()
-            raise
-        self.sock = s
+def _bad_answers() -> tuple[type[Exception], ...]:
+    """What a connection raises for an answer that is not HTTP (http.client's
+    only when https loaded it)."""
+    import sys
+
+    hc = sys.modules.get("http.client")
+    return (BadAnswer,) if hc is None else (BadAnswer, hc.HTTPException)
 
 
 def _why(exc: OSError) -> str:
@@ -227,7 +223,7 @@ class Client:
         self.uri = uri or default_uri()
         self.timeout = timeout
         self._tunnel: _SshTunnel | None = None
-        self._conn: http.client.HTTPConnection | None = None
+        self._conn: _Conn | None = None
         self._token: str | None = None
         self._ssl: ssl.SSLContext | None = None
         self._host = "localhost"
@@ -287,13 +283,15 @@ class Client:
         else:
             raise ConnectionFailed(f"{bad}: the scheme must be unix, ssh or https")
 
-    def _new_connection(self, timeout: float | None) -> http.client.HTTPConnection:
+    def _new_connection(self, timeout: float | None) -> _Conn:
         if self._tunnel is not None and not self._path:
             self._path = self._tunnel.start()
         if self._ssl is not None:
+            import http.client
+
             return http.client.HTTPSConnection(self._host, self._port, timeout=timeout,
                                                context=self._ssl, blocksize=_BLOCK)
-        return _UnixConnection(self._path, timeout)
+        return UnixConnection(self._path, timeout)
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         h = {"Accept": "application/json"}
@@ -303,8 +301,8 @@ class Client:
             h.update(extra)
         return h
 
-    def _send(self, conn: http.client.HTTPConnection, method: str, url: str, body: Any,
-              headers: dict[str, str]) -> http.client.HTTPResponse:
+    def _send(self, conn: _Conn, method: str, url: str, body: Any,
+              headers: dict[str, str]) -> _Resp:
         try:
             conn.request(method, url, body=body, headers=headers)
             return conn.getresponse()
@@ -318,7 +316,7 @@ class Client:
                                        f"{_why(exc)}") from None
             raise ConnectionFailed(f"connection to the daemon at {self.uri} failed: "
                                    f"{_why(exc)}") from None
-        except http.client.HTTPException as exc:
+        except _bad_answers() as exc:
             conn.close()
             raise ConnectionFailed(f"connection to the daemon at {self.uri} failed: "
                                    f"bad answer ({exc.__class__.__name__})") from None

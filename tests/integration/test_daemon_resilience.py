@@ -171,7 +171,8 @@ def test_sigkill_while_vms_run_and_a_task_writes(daemon: Daemon, tmp_path: Path)
     with daemon.client() as c:
         k1 = c.domain("k1")
         assert k1["state"] == "crashed", k1
-        assert "SIGKILL" in k1["detail"] or "killed" in k1["detail"], k1
+        # not the daemon's child any more: no wait status, only the missing exit record
+        assert "without an exit record" in k1["detail"], k1
         assert c.domain("k0")["state"] == "running"
         c.destroy("k0")
         assert (c.domain("k0")["state"], c.domain("k0")["reason"]) == ("shut off", "destroyed")

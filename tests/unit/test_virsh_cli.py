@@ -1014,3 +1014,46 @@ def test_verb_the_client_lacks_is_one_error_line(fake: FakeClient,
     r = CliRunner().invoke(cli, ["pool-autostart", "default"])
     assert (r.exit_code, r.stderr) == (
         1, "error: pool autostart is not supported by this version of pyvirt's client\n")
+
+
+# ------------------------------------------------------------- the quick path
+
+@pytest.mark.parametrize("flags", [[], ["--all"], ["--inactive"], ["--all", "--name"],
+                                   ["--uuid"], ["--all", "--json"], ["--name", "--uuid"]])
+def test_quick_list_prints_what_click_prints(fake: FakeClient, flags: list[str],
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import pyvirt.client
+    from pyvirt.cli.quick import quick
+
+    class Quick:
+        def __init__(self, uri: str | None = None) -> None:
+            fake.uri = uri
+
+        def __enter__(self) -> FakeClient:
+            return fake
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(pyvirt.client, "Client", Quick)
+    assert quick(["-c", "unix:///x.sock", "list", *flags]) == 0
+    assert fake.uri == "unix:///x.sock"
+    assert capsys.readouterr().out == run("list", *flags).output
+
+
+@pytest.mark.parametrize("argv", [["list", "--help"], ["--debug", "list"], ["list", "-a"],
+                                  ["dominfo", "x"], [], ["-c"], ["list", "extra"]])
+def test_quick_path_leaves_the_rest_to_click(argv: list[str]) -> None:
+    from pyvirt.cli.quick import quick
+
+    assert quick(argv) is None
+
+
+def test_quick_list_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from pyvirt.cli.quick import quick
+
+    assert quick(["-c", "unix:///nonexistent/pyvirtd.sock", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: cannot connect to the daemon at unix:///nonexistent/pyvirtd.sock: "
+                   "no such file (is pyvirtd running?)\n")

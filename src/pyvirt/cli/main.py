@@ -8,7 +8,6 @@ no tracebacks reach the user (``--debug`` shows them).
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import re
 import sys
@@ -82,8 +81,16 @@ class _LazyGroup(click.Group):
 def cli(ctx: click.Context, debug: bool, uri: str | None) -> None:
     """pyvirt: run virtual machines on KVM or on a software CPU."""
     ctx.obj = {"debug": debug, "uri": uri}
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="pyvirt: %(levelname)s %(name)s: %(message)s")
+    sub = ctx.invoked_subcommand or ""
+    own = isinstance(ctx.command, click.Group) and \
+        click.Group.get_command(ctx.command, ctx, sub) is not None  # run, guest
+    if debug or own or sub in _LazyGroup._lazy:
+        # the VMM, pyvirt img and the daemon log; the virsh verbs (one request to the
+        # daemon) spare importing logging (~20 ms of `pyvirt list`'s 100) unless --debug
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                            format="pyvirt: %(levelname)s %(name)s: %(message)s")
 
 
 @cli.command()

@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
 
+from pyvirt.cli.tables import INACTIVE as _INACTIVE
+from pyvirt.cli.tables import format_list, table
+from pyvirt.cli.tables import one_line as _one_line
 from pyvirt.errors import PyvirtError
 
 __all__ = ["VERBS", "CliError", "connect"]
@@ -57,7 +60,6 @@ MAX_FILE = 1 << 20
 #: virsh's escape key for the console: Ctrl-]
 ESCAPE = 0x1D
 
-_INACTIVE = ("shut off", "crashed")
 
 
 class CliError(PyvirtError):
@@ -83,12 +85,6 @@ def _uri(ctx: click.Context) -> str | None:
 def _debug(ctx: click.Context) -> bool:
     obj = ctx.find_root().obj
     return bool(obj.get("debug")) if isinstance(obj, dict) else False
-
-
-def _one_line(text: str) -> str:
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _run(ctx: click.Context, fn: Callable[[Any], None], *, blank: bool = True) -> None:
@@ -124,25 +120,6 @@ def _echo_json_line(obj: object) -> None:
     import json
 
     click.echo(json.dumps(obj, default=str))
-
-
-def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """Rows laid out as virsh's ``vshTablePrint``: each cell after one space,
-    columns padded to their widest cell plus two, and a rule of dashes as wide
-    as every column plus three."""
-    cells = [[str(h) for h in header]] + [["" if c is None else _one_line(str(c)) for c in r]
-                                          for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    out = []
-    for n, row in enumerate(cells):
-        parts = []
-        for i, cell in enumerate(row):
-            pad = widths[i] - len(cell) + 2 if i < len(row) - 1 else 0
-            parts.append(" " + cell + " " * pad)
-        out.append("".join(parts))
-        if n == 0:
-            out.append("-" * sum(w + 3 for w in widths))
-    return "\n".join(out)
 
 
 def _info(pairs: Sequence[tuple[str, object]]) -> None:
@@ -334,23 +311,10 @@ def list_(ctx: click.Context, all_: bool, inactive: bool, names: bool, uuids: bo
     """List domains (the running ones unless --all or --inactive)."""
 
     def go(c: Any) -> None:
-        doms = c.list_domains(all=all_ or inactive)
-        if inactive and not all_:
-            doms = [d for d in doms if d.get("state") in _INACTIVE]
-        elif not all_:
-            doms = [d for d in doms if d.get("state") not in _INACTIVE]
-        # virsh: active domains by id, then inactive ones by name
-        doms.sort(key=lambda d: (d.get("id") is None, d.get("id") or 0, d.get("name", "")))
-        if as_json:
-            _echo_json(doms)
-        elif names or uuids:
-            for d in doms:
-                click.echo(" ".join(x for x in (d.get("uuid") if uuids else None,
-                                                 d.get("name") if names else None) if x))
-        else:
-            click.echo(table(("Id", "Name", "State"),
-                             [("-" if d.get("id") is None else d["id"], d.get("name"),
-                               d.get("state")) for d in doms]))
+        out = format_list(c.list_domains(all=all_ or inactive), all_=all_, inactive=inactive,
+                          names=names, uuids=uuids, as_json=as_json)
+        if out or as_json:
+            click.echo(out)
 
     _run(ctx, go, blank=not as_json)
 

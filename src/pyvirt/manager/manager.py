@@ -439,7 +439,9 @@ class Manager:
                 "console_socket": rs["console_socket"] if active else None,
                 "managed_save": row["managed_save"] is not None,
                 "current_snapshot": current, "snapshots": len(snaps),
-                "config": json.loads(rs["config"]) if active and rs["config"] else None}
+                "config": json.loads(rs["config"]) if active and rs["config"] else None,
+                # how its VMM is confined (who it runs as, cgroup): what the host allowed
+                "security": self.privilege.notes() if self.privilege is not None else []}
 
     def set_autostart(self, name: str, on: bool) -> None:
         with self._domain(name) as row:
@@ -753,6 +755,11 @@ class Manager:
 
     def _poll_loop(self) -> None:
         while not self._stop.wait(POLL_INTERVAL):
+            if self.networks is not None:
+                try:  # dnsmasq died, a bridge deleted behind our back: put them back
+                    self.networks.supervise()
+                except Exception:
+                    log.exception("supervising the networks")
             with self._runs_lock:
                 runs = list(self._runs.values())
             for run in runs:
