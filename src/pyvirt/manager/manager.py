@@ -148,33 +148,24 @@ class Manager:
         self.tasks = Tasks(self.store, self.events)
         self.tasks.recover()
         if self.privilege is None:
-            try:
-                from pyvirt.manager.privilege import Privilege
-            except ImportError:  # TODO(lead): H4's module not in this tree yet
-                log.warning("pyvirt.manager.privilege missing: VMMs run as the daemon's user")
-            else:
-                self.privilege = Privilege.detect()
-        try:
-            from pyvirt.manager.storage import (  # type: ignore[import-not-found, unused-ignore]
-                Storage,
-            )
-        except ImportError:  # TODO(lead): H2b's module not in this tree yet
-            log.warning("pyvirt.manager.storage missing: volumes are not available")
-        else:
-            self.storage = Storage(self.store, self.paths, self.events, self.tasks,
-                                   privilege=self.privilege)
-            self.storage.startup()
-            if hasattr(self.storage, "set_user_lookup"):
-                self.storage.set_user_lookup(self.users_of)
+            from pyvirt.manager.privilege import Privilege
+
+            self.privilege = Privilege.detect()
+        python = getattr(self.privilege, "python", None)
+        if python and self.vmm_command[0] == sys.executable:
+            self.vmm_command = [python, *self.vmm_command[1:]]  # one the VM user can run
+        from pyvirt.manager.storage import Storage
+
+        self.storage = Storage(self.store, self.paths, self.events, self.tasks,
+                               privilege=self.privilege)
+        self.storage.startup()
+        self.storage.set_user_lookup(self.users_of)
         if self._start_networks:
-            try:
-                from pyvirt.manager.network import Networks
-            except ImportError:  # TODO(lead): H2c's module not in this tree yet
-                log.warning("pyvirt.manager.network missing: networks are not available")
-            else:
-                self.networks = Networks(self.store, self.paths, self.events,
-                                         privilege=self.privilege)
-                self.networks.startup()
+            from pyvirt.manager.network import Networks
+
+            self.networks = Networks(self.store, self.paths, self.events,
+                                     privilege=self.privilege)
+            self.networks.startup()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._adopt_all()
         for name, target in (("vmm-exits", self._watch_exits), ("vmm-poll", self._poll_loop)):

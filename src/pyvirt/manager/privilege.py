@@ -445,6 +445,12 @@ class Privilege:
     #: further one-line notes about the host (e.g. /dev/kvm out of reach)
     host_notes: tuple[str, ...] = ()
     api_group: str = API_GROUP
+    #: the interpreter VMMs run with (None: the daemon's own), and the PYTHONPATH it
+    #: needs: the daemon's interpreter may lie where the VM user cannot reach it
+    #: (a pyenv under /root), while the system's of the same version can run pyvirt
+    #: from the same site-packages (see ``_system_python``)
+    python: str | None = None
+    pythonpath: str | None = None
 
     @classmethod
     def detect(cls, *, user: str = VM_USER, api_group: str = API_GROUP,
@@ -476,12 +482,22 @@ class Privilege:
                        reason=f"VMMs run as root: user {user!r} does not exist (make setup "
                               "creates it)", api_group=api_group)
         gids = [g for g in os.getgrouplist(user, pw.pw_gid) if g != pw.pw_gid]
+        python: str | None = None
+        pythonpath: str | None = None
         for path in (runtime if runtime is not None else _runtime_paths()):
             blocked = _unreachable(path, pw.pw_uid, (pw.pw_gid, *gids))
-            if blocked is not None:
+            if blocked is None:
+                continue
+            alt = None if runtime is not None else _system_python(pw.pw_uid,
+                                                                  (pw.pw_gid, *gids))
+            if alt is None:
                 return cls(0, 0, drop=False, cgroups=hierarchy, cgroup_reason=cg_why,
                            reason=f"VMMs run as root: user {user} cannot run pyvirt from "
                                   f"here: {blocked}", api_group=api_group)
+            python, pythonpath = alt
+            notes.append(f"VMMs run with {python} ({user} cannot reach this daemon's "
+                         f"interpreter: {blocked})")
+            break
         try:
             st = os.stat(kvm_device)
         except OSError:
@@ -498,7 +514,8 @@ class Privilege:
                              f"{_group_name(st.st_gid)}): its VMs use the software CPU")
         return cls(pw.pw_uid, pw.pw_gid, tuple(gids), drop=True,
                    reason=f"VMMs run as user {user} (uid {pw.pw_uid})", cgroups=hierarchy,
-                   cgroup_reason=cg_why, host_notes=tuple(notes), api_group=api_group)
+                   cgroup_reason=cg_why, host_notes=tuple(notes), api_group=api_group,
+                   python=python, pythonpath=pythonpath)
 
     def notes(self) -> list[str]:
         """What a VM started now gets, in one line each (for dominfo)."""
@@ -631,6 +648,8 @@ class Privilege:
         env = {"PATH": path, "LANG": "C.UTF-8"}
         env.update({k: v for k, v in os.environ.items()
                     if k.startswith("PYVIRT_") and k not in _ENV_HELD_BACK})
+        if self.pythonpath is not None:
+            env["PYTHONPATH"] = self.pythonpath
         if cache_dir is not None:
             env["HOME"] = env["XDG_CACHE_HOME"] = str(cache_dir)
         elif not self.drop and "HOME" in os.environ:
@@ -720,6 +739,31 @@ def _runtime_paths() -> list[Path]:
     out = [Path(sys.executable), Path(os.path.realpath(sys.executable)),
            Path(sys.prefix), Path(sys.base_prefix), Path(__file__).resolve().parent.parent]
     return list(dict.fromkeys(out))
+
+
+def _system_python(uid: int, gids: Sequence[int]) -> tuple[str, str] | None:
+    """A system interpreter of this one's version (``/usr/bin/pythonX.Y``) that
+    ``uid`` can run, with the PYTHONPATH that gives it pyvirt and its
+    dependencies: the daemon's sys.path entries outside its own installation
+    (the virtual environment's site-packages, an editable install's source).
+    Compiled modules of one X.Y share their ABI, and .pyc files their magic
+    number. None when there is none, or the VM user cannot reach what it needs."""
+    import sys
+
+    here = [os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)]
+    for cand in (f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}",
+                 f"/usr/local/bin/python{sys.version_info[0]}.{sys.version_info[1]}"):
+        real = os.path.realpath(cand)
+        if not os.path.isfile(real) or any(real.startswith(h + os.sep) for h in here):
+            continue  # absent, or the daemon's own interpreter again
+        entries = [p for p in sys.path[1:] if p and os.path.isdir(p)
+                   and not any(os.path.realpath(p).startswith(h + os.sep) or
+                               os.path.realpath(p) == h for h in here)]
+        needed = [Path(cand), Path(real), *map(Path, entries),
+                  Path(__file__).resolve().parent.parent]
+        if all(_unreachable(p, uid, gids) is None for p in needed):
+            return cand, os.pathsep.join(entries)
+    return None
 
 
 def _unreachable(path: Path, uid: int, gids: Sequence[int]) -> str | None:
