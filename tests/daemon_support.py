@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -306,3 +307,55 @@ def kill_network_daemons(root: Path) -> None:
         if any(a.startswith(f"--conf-file={root}/".encode()) for a in argv):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry.name), 9)
+
+
+def spawn_daemon(root: Path, *, wrap: list[str] | None = None,
+                 extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """``pyvirt daemon --root ROOT`` (its output appended to ROOT/daemon.log),
+    ``wrap`` put in front (``unshare --net --``, ``ip netns exec NS``: a
+    namespace of its own for its networks), once its socket answers."""
+    env = {k: v for k, v in os.environ.items() if k != "PYVIRT_URI"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    with open(root / "daemon.log", "ab") as log:
+        proc = subprocess.Popen([*(wrap or []), sys.executable, "-m", "pyvirt", "daemon",
+                                 "--root", str(root), *(extra or [])],
+                                stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+    sock = root / "run" / "pyvirtd.sock"
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, 60, "the daemon's socket")
+    except BaseException:
+        stop_daemon(proc)
+        raise
+    if proc.poll() is not None:
+        raise AssertionError(f"the daemon ended: {daemon_log(root)}")
+    return proc
+
+
+def daemon_log(root: Path) -> str:
+    return (root / "daemon.log").read_text(errors="replace")[-5000:]
+
+
+def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, SIGKILL after 30 s (its VMs keep running: ``remove_root`` ends them)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def daemon_running(root: Path, *, wrap: list[str] | None = None,
+                   extra: list[str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """``spawn_daemon`` for a block; stopped at its end (its log printed with
+    ``PYVIRT_KEEP_LOGS=1``)."""
+    proc = spawn_daemon(root, wrap=wrap, extra=extra)
+    try:
+        yield proc
+    finally:
+        stop_daemon(proc)
+        if os.environ.get("PYVIRT_KEEP_LOGS"):
+            print(daemon_log(root))

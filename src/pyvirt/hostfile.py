@@ -168,6 +168,12 @@ def _open_handed(h: HandedFile, path: Path, flags: int, what: str, allow_block: 
                     f"{_ACCESS_WORDS[want]} (hand an fd opened "
                     f"{'O_RDWR' if want == os.O_RDWR else 'O_RDONLY' if reads else 'O_WRONLY'})")
     fd = os.dup(h.fd)  # the caller closes what it gets; the handed fd stays for other uses
+    return _checked(fd, path, what, allow_block, error)
+
+
+def _checked(fd: int, path: Path, what: str, allow_block: bool,
+             error: type[UserInputError]) -> tuple[int, os.stat_result]:
+    """``fd`` (closed on failure) once its file is of a kind we take, in blocking mode."""
     try:
         st = os.fstat(fd)
         _check_kind(st, path, what, allow_block, error)
@@ -211,11 +217,4 @@ def open_host_file(path: Path, flags: int, *, what: str, allow_block: bool = Fal
         with contextlib.suppress(OSError):  # a FIFO swapped in meanwhile: say so
             _check_kind(os.stat(path), path, what, allow_block, error)
         raise error(f"{what}: {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        _check_kind(st, path, what, allow_block, error)
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, st
+    return _checked(fd, path, what, allow_block, error)

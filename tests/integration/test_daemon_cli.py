@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from pyvirt.guest import READY_LINE, build_default_guest, guest_is_built
-from tests.daemon_support import remove_root, short_root, wait_for
+from tests.daemon_support import remove_root, short_root, spawn_daemon, stop_daemon
 
 pytest.importorskip("unicorn")
 from pyvirt.hypervisor.emulated import engine
@@ -49,17 +49,9 @@ class Daemon:
         self.root = root
         self.sock = root / "run" / "pyvirtd.sock"
         self.uri = f"unix://{self.sock}"
-        self.log = open(root / "daemon.log", "wb")  # noqa: SIM115
         # a network namespace of its own: the default NAT network's bridge,
         # nftables table and dnsmasq live there, never on the host
-        self.proc = subprocess.Popen(
-            ["unshare", "--net", "--", sys.executable, "-m", "pyvirt", "daemon",
-             "--root", str(root)],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=ENV)
-        wait_for(lambda: self.sock.exists() or self.proc.poll() is not None, 60,
-                 "the daemon's socket")
-        if self.proc.poll() is not None:
-            raise AssertionError(f"the daemon ended: {self.logged()}")
+        self.proc = spawn_daemon(root, wrap=["unshare", "--net", "--"])
 
     def logged(self) -> str:
         return (self.root / "daemon.log").read_text(errors="replace")[-3000:]
@@ -78,14 +70,7 @@ class Daemon:
         for pidfile in self.root.glob("run/net/*/dnsmasq.pid"):
             with contextlib.suppress(ValueError, OSError):
                 os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        stop_daemon(self.proc)
 
     def pv(self, *args: str, ok: bool = True, timeout: float = 120,
            input: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,13 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_support import ConsoleReader, remove_root, short_root, wait_for
+from tests.daemon_support import (
+    ConsoleReader,
+    daemon_running,
+    remove_root,
+    short_root,
+    wait_for,
+)
 from tests.netns import NetNs, available
 
 pytestmark = [
@@ -55,29 +61,15 @@ def daemon(host_ns: NetNs, test_guest: Path) -> Iterator[tuple[Any, Path]]:
     from pyvirt.client import Client
 
     root = short_root("pvn")
-    log = open(root / "daemon.log", "wb")  # noqa: SIM115
-    proc = host_ns.popen([sys.executable, "-m", "pyvirt", "daemon", "--root", str(root)],
-                         stdout=log, stderr=subprocess.STDOUT)
-    sock = root / "run" / "pyvirtd.sock"
     try:
-        wait_for(lambda: sock.exists() or proc.poll() is not None, 60, "the daemon")
-        assert proc.poll() is None, (root / "daemon.log").read_text()
-        with Client(f"unix://{sock}", timeout=180) as c:
+        with daemon_running(root, wrap=["ip", "netns", "exec", host_ns.name]), \
+                Client(f"unix://{root / 'run' / 'pyvirtd.sock'}", timeout=180) as c:
             yield c, root
             for d in c.list_domains():
                 if d["state"] != "shut off":
                     with contextlib.suppress(Exception):
                         c.destroy(d["name"])
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        if os.environ.get("PYVIRT_KEEP_LOGS"):
-            print((root / "daemon.log").read_text()[-5000:])
         remove_root(root)
 
 

@@ -15,7 +15,6 @@ import random
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +23,14 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_support import ConsoleReader, remove_root, short_root, wait_for
+from tests.daemon_support import (
+    ConsoleReader,
+    remove_root,
+    short_root,
+    spawn_daemon,
+    stop_daemon,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.guest, pytest.mark.slow]
 
@@ -45,12 +51,8 @@ class Daemon:
     def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.sock.unlink()
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pyvirt", "daemon", "--root", str(self.root),
-                 "--no-networks"], stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        wait_for(lambda: self._answers(), 60, "the daemon's socket")
+        self.proc = spawn_daemon(self.root, extra=["--no-networks"])
+        wait_for(lambda: self._answers(), 60, "the daemon's API")
 
     def _answers(self) -> bool:
         from pyvirt.client import Client, ConnectionFailed
@@ -76,13 +78,8 @@ class Daemon:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_daemon(self.proc)
 
 
 @pytest.fixture

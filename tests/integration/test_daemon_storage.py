@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pyvirt.guest import READY_LINE, build_default_guest, guest_is_built
-from tests.daemon_support import ConsoleReader, remove_root, short_root, wait_for
+from tests.daemon_support import ConsoleReader, daemon_running, remove_root, short_root, wait_for
 
 pytest.importorskip("unicorn")
 from pyvirt.hypervisor.emulated import engine
@@ -51,26 +50,10 @@ def _guest() -> None:
 @pytest.fixture
 def root() -> Iterator[Path]:
     r = short_root("pvs")
-    os.chmod(r, 0o711)  # the VM user (when there is one) must reach the VMs' directories
-    log = open(r / "daemon.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        ["unshare", "--net", "--", sys.executable, "-m", "pyvirt", "daemon", "--root", str(r)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=ENV)
-    try:
-        wait_for(lambda: (r / "run" / "pyvirtd.sock").exists() or proc.poll() is not None, 60,
-                 "the daemon's socket")
-        assert proc.poll() is None, (r / "daemon.log").read_text(errors="replace")
-        yield r
+    try:  # a network namespace of its own: the default network never reaches the host
+        with daemon_running(r, wrap=["unshare", "--net", "--"]):
+            yield r
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        if os.environ.get("PV_KEEP"):
-            print((r / "daemon.log").read_text(errors="replace")[-5000:])
         remove_root(r)
 
 

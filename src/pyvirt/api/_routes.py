@@ -143,15 +143,18 @@ def _action(name: str) -> Handler:
 def _snapshot(control: VmControl, what: str, body: bytes) -> Reply:
     req = _decode(what, body, SnapshotRequest, required=True)
     assert req is not None
-    path = req.path
+    return _json_reply(control.snapshot(_new_path(req.path, "a directory")))
+
+
+def _new_path(path: str, kind: str) -> str:
+    """``path`` checked as the absolute name of ``kind`` (a file, a directory) to create."""
     if "\0" in path:
         raise _Fault(400, "path: contains a NUL character")
     if len(path.encode("utf-8", "surrogatepass")) > _PATH_MAX:
         raise _Fault(400, f"path: longer than {_PATH_MAX} bytes")
     if not os.path.isabs(path) or path == "/":
-        raise _Fault(400, "path: must be an absolute path of a directory to create, "
-                          f"not {path!r}")
-    return _json_reply(control.snapshot(path))
+        raise _Fault(400, f"path: must be an absolute path of {kind} to create, not {path!r}")
+    return path
 
 
 def _disk_overlay(control: VmControl, what: str, body: bytes) -> Reply:
@@ -159,14 +162,7 @@ def _disk_overlay(control: VmControl, what: str, body: bytes) -> Reply:
     assert req is not None
     if not 0 <= req.disk < 256:
         raise _Fault(400, f"disk: {req.disk} is not a disk index")
-    path = req.path
-    if "\0" in path:
-        raise _Fault(400, "path: contains a NUL character")
-    if len(path.encode("utf-8", "surrogatepass")) > _PATH_MAX:
-        raise _Fault(400, f"path: longer than {_PATH_MAX} bytes")
-    if not os.path.isabs(path) or path == "/":
-        raise _Fault(400, f"path: must be an absolute path of a file to create, not {path!r}")
-    return _json_reply(control.disk_overlay(req.disk, path))
+    return _json_reply(control.disk_overlay(req.disk, _new_path(req.path, "a file")))
 
 
 def _nic_link(control: VmControl, what: str, body: bytes) -> Reply:
