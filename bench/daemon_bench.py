@@ -59,6 +59,7 @@ def _netns(name: str) -> Iterator[str]:
 @contextlib.contextmanager
 def daemon(ns: str) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
     root = Path(tempfile.mkdtemp(prefix="pvb", dir="/tmp"))
+    os.chmod(root, 0o711)  # VMMs run as the VM user: it must reach state/vms/UUID
     log = open(root / "daemon.log", "wb")  # noqa: SIM115
     p = subprocess.Popen(["ip", "netns", "exec", ns, *_pyvirt(), "daemon", "--root",
                           str(root)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -245,7 +246,8 @@ def _load_rows(sock: Path, p: subprocess.Popen[bytes]) -> list[Row]:
         running = sum(1 for d in c.list_domains() if d["state"] == "running")
         for n in names[4:]:
             c.destroy(n)
-    rows = [Row(f"daemon RSS, {running} VMs running", pyvirt=[rss / 1024], unit="MiB")]
+    rows = [Row(f"daemon RSS, {running} VMs running", pyvirt=[rss / 1024], unit="MiB",
+                other_name="-")]
     lat: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -288,8 +290,9 @@ def _load_rows(sock: Path, p: subprocess.Popen[bytes]) -> list[Row]:
     p50 = statistics.median(lat) if lat else float("nan")
     p99 = lat[int(len(lat) * 0.99)] if lat else float("nan")
     rows.append(Row(f"API latency p50, {CLIENTS} clients ({len(lat)} requests)",
-                    pyvirt=[p50 * 1000], unit="ms"))
-    rows.append(Row(f"API latency p99 ({len(errors)} errors)", pyvirt=[p99 * 1000], unit="ms"))
+                    pyvirt=[p50 * 1000], unit="ms", other_name="-"))
+    rows.append(Row(f"API latency p99 ({len(errors)} errors)", pyvirt=[p99 * 1000], unit="ms",
+                    other_name="-"))
     return rows
 
 
