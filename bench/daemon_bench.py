@@ -80,6 +80,11 @@ def daemon(ns: str) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
                 if d["state"] != "shut off":
                     with contextlib.suppress(Exception):
                         c.destroy(d["name"])
+            # networks (dnsmasq) outlive a daemon on purpose: stop them, or they stay
+            for n in c.net_list():
+                if n.get("active"):
+                    with contextlib.suppress(Exception):
+                        c.net_stop(n["name"])
         p.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(30)
