@@ -615,3 +615,17 @@ def test_daemon_token_file_must_be_private(tmp_path: Path) -> None:
     assert r.output.strip() == ("pyvirt: error: TLS certificate /etc/hostname and key "
                                 "/etc/hostname cannot be used: PEM lib")
     assert not (tmp_path / "r").exists()
+
+
+def test_networks_off_is_a_clear_refusal_not_a_500() -> None:
+    # `pyvirt daemon --no-networks`: the Manager has no Networks
+    fake = FakeManager()
+    fake.networks = None  # type: ignore[assignment]
+    with TestClient(make_app(fake), raise_server_exceptions=False) as c:
+        assert c.get("/v1/networks").json() == []
+        r = c.post("/v1/networks", json={"name": "n1"})
+        assert r.status_code == 409, r.text
+        assert "--no-networks" in r.json()["error"]["message"]
+        for method, path in (("GET", "/v1/networks/n1"), ("POST", "/v1/networks/n1/start"),
+                             ("GET", "/v1/networks/n1/leases")):
+            assert c.request(method, path).status_code == 409

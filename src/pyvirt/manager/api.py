@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocketDisconnect
 
 import pyvirt
-from pyvirt.manager.errors import InvalidArgument, ManagerError
+from pyvirt.manager.errors import InvalidArgument, ManagerError, OperationInvalid
 
 if TYPE_CHECKING:
     from pyvirt.manager.manager import Manager
@@ -616,26 +616,32 @@ def make_app(manager: Manager, *, uri: str | None = None,
             m.storage.vol_upload, pool, vol, reader, length)
 
     # -- networks
+    def nets() -> Any:
+        if m.networks is None:
+            raise OperationInvalid("virtual networks are off in this daemon (it was started "
+                                   "with --no-networks)")
+        return m.networks
+
     @r.get("/v1/networks", response_model=None, responses={200: {"model": list[Network]}})
     def net_list() -> Any:
-        return m.networks.list()
+        return [] if m.networks is None else m.networks.list()
 
     @r.post("/v1/networks", status_code=201, response_model=None,
             responses={201: {"model": Network}})
     def net_define(doc: Definition) -> Any:
-        return m.networks.define(doc)
+        return nets().define(doc)
 
     @r.get("/v1/networks/{net}", response_model=None, responses={200: {"model": Network}})
     def net_info(net: Name) -> Any:
-        return m.networks.info(net)
+        return nets().info(net)
 
     @r.delete("/v1/networks/{net}", status_code=204, response_class=Response)
     def net_undefine(net: Name) -> None:
-        m.networks.undefine(net)
+        nets().undefine(net)
 
     def _net_action(verb: str) -> None:
         def act(net: Name) -> None:
-            getattr(m.networks, verb)(net)
+            getattr(nets(), verb)(net)
 
         act.__name__ = f"net_{verb}"
         r.post(f"/v1/networks/{{net}}/{verb}", status_code=204, response_class=Response,
@@ -646,11 +652,11 @@ def make_app(manager: Manager, *, uri: str | None = None,
 
     @r.put("/v1/networks/{net}/autostart", status_code=204, response_class=Response)
     def net_autostart(net: Name, body: EnabledBody) -> None:
-        m.networks.set_autostart(net, body.enabled)
+        nets().set_autostart(net, body.enabled)
 
     @r.get("/v1/networks/{net}/leases", response_model=None)
     def net_leases(net: Name) -> Any:
-        return m.networks.leases(net)
+        return nets().leases(net)
 
     # -- tasks and events
     @r.get("/v1/tasks", response_model=None, responses={200: {"model": list[Task]}})
