@@ -1057,3 +1057,12 @@ def test_quick_list_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> Non
     err = capsys.readouterr().err
     assert err == ("error: cannot connect to the daemon at unix:///nonexistent/pyvirtd.sock: "
                    "no such file (is pyvirtd running?)\n")
+
+
+def test_bad_yaml_is_one_short_line(fake: FakeClient, tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("name: [oops")
+    r = CliRunner().invoke(cli, ["define", str(f)])
+    assert r.exit_code == 1
+    assert r.output.strip() == (f"error: {f}: not valid YAML: line 1, column 12: expected ',' "
+                                "or ']', but got '<stream end>'")

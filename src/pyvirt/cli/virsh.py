@@ -216,6 +216,16 @@ def _task_id(answer: object) -> object:
     return answer
 
 
+def _yaml_why(exc: Exception) -> str:
+    """PyYAML's error as one line: where and what (``line 1, column 12: expected ','
+    or ']', but got '<stream end>'``), without the excerpt it draws."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(exc).split())
+
+
 def _read_document(path: str) -> dict[str, Any]:
     """A JSON or YAML document from ``path`` (``-`` is stdin), as a mapping."""
     try:
@@ -239,7 +249,7 @@ def _read_document(path: str) -> dict[str, Any]:
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise CliError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+            raise CliError(f"{path}: not valid YAML: {_yaml_why(exc)}") from None
     else:
         import json
 
