@@ -284,3 +284,19 @@ def test_vmm_that_cannot_be_executed(root: Path, kernel: str) -> None:
         assert str(info.value) == (f"start of 'x' failed: cannot run {root}/no-such-python: "
                                    "No such file or directory")
         assert _state(m, "x") == ("shut off", "unknown")
+
+
+def test_autostart_once_per_host_boot(root: Path, kernel: str) -> None:
+    with manager_on(root, fake=True) as m:
+        m.define({"name": "auto", "kernel": kernel, "autostart": True})
+        m.define({"name": "manual", "kernel": kernel})
+        assert _state(m, "auto") == ("shut off", "unknown")  # not at define time
+    (root / "run" / "autostarted").unlink()  # as after a reboot: /run is a tmpfs
+    with manager_on(root, fake=True) as m:
+        assert _state(m, "auto") == ("running", "booted")
+        assert _state(m, "manual")[0] == "shut off"
+        m.destroy("auto")
+    with manager_on(root, fake=True) as m:  # a daemon restart, same boot
+        assert _state(m, "auto") == ("shut off", "destroyed")
+        m.set_autostart("auto", False)
+        assert not m.get("auto")["autostart"]

@@ -821,6 +821,13 @@ class Manager:
             log.info("adopted %s (pid %d)", r["name"], proc.pid)
 
     def _autostart(self) -> None:
+        """Start the autostart domains, once per host boot (as libvirt): the marker
+        lives in the run directory (a tmpfs under /run), so a daemon restart does not
+        start again a VM its user shut down meanwhile."""
+        marker = self.paths.run / "autostarted"
+        if marker.exists():
+            return
+        marker.touch()
         with self.store.read() as db:
             names = [r["name"] for r in db.execute(
                 "SELECT name FROM domains WHERE autostart = 1 ORDER BY name").fetchall()]
