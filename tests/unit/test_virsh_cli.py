@@ -521,6 +521,10 @@ def test_dominfo(fake: FakeClient) -> None:
         """)
     off = run("dominfo", "db1").output
     assert "Id:             -\n" in off and "CPU time" not in off
+    # a VMM as the daemon's VM user: virsh's DAC lines
+    fake.doms["web1"]["security_label"] = "+995:+994"
+    assert run("dominfo", "web1").output.endswith(
+        "Security model: dac\nSecurity DOI:   0\nSecurity label: +995:+994 (enforcing)\n\n")
     assert json.loads(run("dominfo", "db1", "--json").output)["name"] == "db1"
 
 

@@ -539,6 +539,9 @@ def dominfo(ctx: click.Context, domain: str, as_json: bool) -> None:
                  ("Autostart", "enable" if d.get("autostart") else "disable"),
                  ("Managed save", _yes(d.get("managed_save"))),
                  ("Security model", "none"), ("Security DOI", "0")]
+        if d.get("security_label"):  # virsh's DAC lines: the VMM's user and group
+            rows += [("Security model", "dac"), ("Security DOI", "0"),
+                     ("Security label", f"{d['security_label']} (enforcing)")]
         _info(rows)
 
     _run(ctx, go, blank=not as_json)

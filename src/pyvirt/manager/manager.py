@@ -432,7 +432,11 @@ class Manager:
                 "current_snapshot": current, "snapshots": len(snaps),
                 "config": json.loads(rs["config"]) if active and rs["config"] else None,
                 # how its VMM is confined (who it runs as, cgroup): what the host allowed
-                "security": self.privilege.notes() if self.privilege is not None else []}
+                "security": self.privilege.notes() if self.privilege is not None else [],
+                # who its VMM runs as, as libvirt's DAC label (+UID:+GID), when not root
+                "security_label": (f"+{self.privilege.vm_uid}:+{self.privilege.vm_gid}"
+                                   if active and self.privilege is not None
+                                   and self.privilege.drop else None)}
 
     def set_autostart(self, name: str, on: bool) -> None:
         with self._domain(name) as row:
