@@ -293,16 +293,20 @@ def closed_within(s: socket.socket, timeout: float) -> bool:
         return False
 
 
-def parse_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
-    """The HTTP answers in ``data`` (h11 as the client side), in order."""
+def parse_responses(data: bytes, methods: tuple[str, ...] = ()
+                    ) -> list[tuple[int, dict[str, str], bytes]]:
+    """The HTTP answers in ``data`` (h11 as the client side), in order; ``methods``:
+    those of the requests they answer, where known (an answer to HEAD has no body),
+    GET for the rest."""
     conn = h11.Connection(h11.CLIENT)
     conn.receive_data(data)
     conn.receive_data(b"")
     out: list[tuple[int, dict[str, str], bytes]] = []
     status, headers, body = 0, {}, bytearray()
+    asked = iter(methods)
 
     def ask() -> None:  # h11's client side parses answers to requests it sent
-        conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+        conn.send(h11.Request(method=next(asked, "GET"), target="/", headers=[("host", "x")]))
         conn.send(h11.EndOfMessage())
 
     ask()

@@ -122,6 +122,23 @@ def test_default_network_leases_vm_to_vm_and_host(daemon: tuple[Any, Path], host
         cons["n1"].expect(b"HELLO-FROM-HOST", 60, since=mark)
         for con in cons.values():
             con.sock.close()
+        # a managed save and restore: the VM comes back on a new TAP of the same
+        # network (handed to the new VMM) with its address, and reaches n2 again
+        tap_before = c.iface_list("n1")[0]["interface"]
+        c.wait_task(c.save("n1"))
+        assert (c.domain("n1")["state"], c.domain("n1")["reason"]) == ("shut off", "saved")
+        c.start("n1")
+        assert (c.domain("n1")["state"], c.domain("n1")["reason"]) == ("running", "restored")
+        after = c.iface_list("n1")[0]
+        assert after["mac"].lower() == macs["n1"] and after["source"] == "default", after
+        con = ConsoleReader(Path(c.domain("n1")["console_socket"]))
+        mark = con.mark()
+        con.send(f"ping -c 2 -W 3 {ips['n2']} >/dev/null && echo BACK-OK-$((40+2))\n".encode())
+        con.expect(b"BACK-OK-42", 60, since=mark)
+        con.sock.close()
+        links = {x["ifname"] for x in json.loads(host_ns.run("ip -j link").stdout)}
+        assert after["interface"] in links and (tap_before == after["interface"]
+                                                or tap_before not in links), links
     finally:
         server.terminate()
         server.wait(10)

@@ -408,6 +408,7 @@ def fuzz_server() -> Iterator[tuple[ApiServer, FakeControl]]:
 @example(data=b"PUT /vm/resume HTTP/1.0\r\n\r\n")  # an action that conflicts with the state: 409
 @example(data=b"HEAD /vm HTTP/1.1\r\n\r\n")  # no Host: a malformed request's 400, with a body
 @example(data=b"GET /\x80 HTTP/1.1\r\n\r\n")  # a target that is not ASCII
+@example(data=b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /vm HTTP/1.1\r\nHost: x\r\n\r\n")
 def test_fuzzed_requests_get_an_answer_or_are_dropped(
         fuzz_server: tuple[ApiServer, FakeControl], data: bytes) -> None:
     srv, ctl = fuzz_server
@@ -417,15 +418,26 @@ def test_fuzzed_requests_get_an_answer_or_are_dropped(
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
         t0 = time.monotonic()
-        answers = parse_responses(read_all(s, 5))
+        got = read_all(s, 5)
         assert time.monotonic() - t0 < 4  # answered or closed at EOF, not at a timeout
     # A well-formed first request may get the errors its operation documents (a resume
     # while running is a 409); anything else gets one of the any-request answers.
     first = re.match(rb"([A-Z]+) (/[!-~]*?)(?:\?[!-~]*)? HTTP/1\.[01]\r\n", data)  # ASCII
+    answers = parse_responses(got)
+    # an answer to a HEAD the server could parse is its head alone; to a malformed
+    # one, a whole answer: whichever reading makes sense of more of what came
+    headless = False
+    if first and first[1] == b"HEAD":
+        as_head = parse_responses(got, ("HEAD",))
+        if len(as_head) > len(answers) or (as_head and not answers):
+            answers, headless = as_head, True
     asked: list[tuple[str | None, str | None]] = [
         (first[1].decode(), first[2].decode()) if first else (None, None), ("GET", "/vm")]
     for i, (status, headers, body) in enumerate(answers):
         assert status < 500 or status in (503, 505), (status, body)  # never a 500
+        if i == 0 and headless:  # the head of an answer: its length, no body
+            assert body == b"" and int(headers.get("content-length", "0")) >= 0, headers
+            continue
         if status >= 400:  # errors have a documented shape whatever the request
             method, path = asked[i] if i < len(asked) else (None, None)
             op = CHECKER.doc["paths"].get(path or "", {}).get((method or "").lower())

@@ -234,7 +234,9 @@ class Connection:
         try:
             self.out += self.h11.send(h11.Response(
                 status_code=status, headers=hdrs, reason=http.HTTPStatus(status).phrase))
-            if body and status != 204:
+            # HEAD: the head alone (Content-Length says what a GET would carry); sending
+            # the body would be a protocol error here and cost the keep-alive connection
+            if body and status != 204 and method != "HEAD":
                 self.out += self.h11.send(h11.Data(data=body))
             self.out += self.h11.send(h11.EndOfMessage())
         except h11.LocalProtocolError:
