@@ -297,9 +297,10 @@ def test_parked_in_hlt_stays_halted_until_an_interrupt() -> None:
 def _wakes_with(counter: int, ticks: int) -> bool:
     """The halted guest woke for (nearly) every tick. A tick whose interrupt lands
     between the handler's IRET and the next HLT (the vCPU thread preempted by a
-    loaded host, a kick) is handled without a wake-up of its own: a few such, no more
-    than a tenth, and never more wakes than ticks (CI saw 192 wakes for 198 ticks)."""
-    return ticks - max(1, ticks // 10) <= counter <= ticks
+    loaded host) is handled without a wake-up of its own, and a kick can end a HLT
+    with no tick: a few such, no more than a tenth (CI saw 192 wakes for 198 ticks,
+    and 401 for 400 after a restore)."""
+    return abs(counter - ticks) <= max(1, ticks // 10)
 
 
 def test_halted_guest_with_timer_keeps_waking_after_restore() -> None:

@@ -18,8 +18,9 @@ from pyvirt.manager.db import Store
 
 __all__ = ["KEEP", "EventBus", "Subscription"]
 
-#: events kept in the database
-KEEP = 10_000
+#: events kept in the database (~100 bytes each: a bounded ~10 MB; a minute of 50 clients
+#: suspending and resuming makes ~15 000)
+KEEP = 100_000
 #: events a subscriber may have waiting
 QUEUE = 1000
 
