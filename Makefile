@@ -16,11 +16,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := python3-venv gcc binutils make linux-libc-dev kmod cpio acpica-tools \
 	e2fsprogs qemu-system-x86 qemu-utils cmake pkg-config debootstrap libseccomp2 \
 	passt iperf3 dnsmasq-base iproute2 iputils-ping nftables openssh-server \
-	openssh-client openssl
+	openssh-client openssl npm chromium
 N ?= 100
 FUZZ_RUNS ?= 1000000
 
-.PHONY: run test bench soak lint setup guest rootfs clean engine fuzz
+.PHONY: run test bench soak lint setup guest rootfs clean engine fuzz web screenshots
 
 run: setup guest
 	$(VENV)/bin/pyvirt run $(ARGS)
@@ -43,7 +43,7 @@ lint: setup
 	$(VENV)/bin/ruff check src tests bench fuzz
 	$(VENV)/bin/mypy
 
-setup: $(STAMPS)/apt $(STAMPS)/venv engine $(STAMPS)/users
+setup: $(STAMPS)/apt $(STAMPS)/venv engine $(STAMPS)/users web
 
 # Re-checked whenever this Makefile changes (APT_PACKAGES may have grown).
 $(STAMPS)/apt: Makefile
@@ -71,6 +71,11 @@ $(STAMPS)/venv: pyproject.toml
 $(STAMPS)/users: $(STAMPS)/venv
 	@if [ "$$(id -u)" = 0 ]; then $(PY) -m pyvirt.manager.privilege ensure-users && touch $@; \
 	else echo "users: skipped: creating the pyvirt group and pyvirt-vm user needs root"; fi
+
+# The web GUI's front-end packages from the npm registry, pinned with their digests
+# (src/pyvirt/web/vendor.json); quick when they are already there.
+web: $(STAMPS)/apt $(STAMPS)/venv
+	@$(PY) -m pyvirt.web.vendor
 
 # The software CPU: unicorn built from its PyPI sdist with our patch series.
 engine: $(STAMPS)/venv
