@@ -359,3 +359,45 @@ def daemon_running(root: Path, *, wrap: list[str] | None = None,
         stop_daemon(proc)
         if os.environ.get("PYVIRT_KEEP_LOGS"):
             print(daemon_log(root))
+
+
+# ---- what the daemon's guest-booting test modules share
+
+#: seconds a default-guest boot may take (~4 s idle, far more under load)
+BOOT = 240.0
+REPO = FAKE_VMM.parents[1]
+
+
+def daemon_env() -> dict[str, str]:
+    """The environment for ``python -m pyvirt`` child processes: this tree's
+    sources, and no PYVIRT_URI from the caller's shell."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env.pop("PYVIRT_URI", None)
+    return env
+
+
+def guest_marks(*, needs_root: bool = True) -> list[Any]:
+    """``pytestmark`` for a module that boots the default guest on the software
+    CPU through a daemon: guest + slow; skipped (with the reason) without
+    unicorn's patches, or, with ``needs_root``, when not root (the daemon runs in
+    a network namespace of its own). Call at import: a missing unicorn skips
+    the whole module."""
+    import pytest
+
+    pytest.importorskip("unicorn")
+    from pyvirt.hypervisor.emulated import engine
+
+    marks = [pytest.mark.guest, pytest.mark.slow,
+             pytest.mark.skipif(not engine.available(), reason="unicorn lacks pyvirt's patches")]
+    if needs_root:
+        marks.append(pytest.mark.skipif(os.geteuid() != 0, reason="the daemon runs in its own "
+                                        "network namespace (needs root)"))
+    return marks
+
+
+def ensure_guest() -> None:
+    """Build the default guest when it is not built yet (a module fixture's body)."""
+    from pyvirt.guest import build_default_guest, guest_is_built
+
+    if not guest_is_built():
+        build_default_guest(log=lambda msg: print(msg, flush=True))

@@ -24,24 +24,21 @@ from pathlib import Path
 
 import pytest
 
-from pyvirt.guest import READY_LINE, build_default_guest, guest_is_built
-from tests.daemon_support import remove_root, short_root, spawn_daemon, stop_daemon
+from pyvirt.guest import READY_LINE
+from tests.daemon_support import (
+    BOOT,
+    daemon_env,
+    ensure_guest,
+    guest_marks,
+    remove_root,
+    short_root,
+    spawn_daemon,
+    stop_daemon,
+)
 
-pytest.importorskip("unicorn")
-from pyvirt.hypervisor.emulated import engine
+pytestmark = guest_marks()
 
-pytestmark = [
-    pytest.mark.guest,
-    pytest.mark.slow,
-    pytest.mark.skipif(not engine.available(), reason="unicorn lacks pyvirt's patches"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="the daemon runs in its own network "
-                                                 "namespace (needs root)"),
-]
-
-BOOT = 240.0  # ~4 s idle; much more while other tests load the machine
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-ENV.pop("PYVIRT_URI", None)
+ENV = daemon_env()
 
 
 class Daemon:
@@ -85,8 +82,7 @@ class Daemon:
 
 @pytest.fixture(scope="module", autouse=True)
 def _guest() -> None:
-    if not guest_is_built():
-        build_default_guest(log=lambda msg: print(msg, flush=True))
+    ensure_guest()
 
 
 @pytest.fixture

@@ -17,27 +17,27 @@ from typing import Any
 
 import pytest
 
-from pyvirt.guest import READY_LINE, build_default_guest, guest_is_built
+from pyvirt.guest import READY_LINE
 from pyvirt.manager.errors import OperationInvalid
-from tests.daemon_support import ConsoleReader, manager_on, remove_root, short_root, wait_for
+from tests.daemon_support import (
+    BOOT,
+    ConsoleReader,
+    ensure_guest,
+    guest_marks,
+    manager_on,
+    remove_root,
+    short_root,
+    wait_for,
+)
 
-pytest.importorskip("unicorn")
-from pyvirt.hypervisor.emulated import engine
-
-pytestmark = [
-    pytest.mark.guest,
-    pytest.mark.slow,
-    pytest.mark.skipif(not engine.available(), reason="unicorn lacks pyvirt's patches"),
-]
+pytestmark = guest_marks(needs_root=False)
 
 READY = READY_LINE.encode()
-BOOT = 240.0  # a boot takes ~4 s idle, far more while other engineers' tests run
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _guest() -> None:
-    if not guest_is_built():
-        build_default_guest(log=lambda msg: print(msg, flush=True))
+    ensure_guest()
 
 
 @pytest.fixture

@@ -19,32 +19,29 @@ from pathlib import Path
 
 import pytest
 
-from pyvirt.guest import READY_LINE, build_default_guest, guest_is_built
-from tests.daemon_support import ConsoleReader, daemon_running, remove_root, short_root, wait_for
+from pyvirt.guest import READY_LINE
+from tests.daemon_support import (
+    BOOT,
+    ConsoleReader,
+    daemon_env,
+    daemon_running,
+    ensure_guest,
+    guest_marks,
+    remove_root,
+    short_root,
+    wait_for,
+)
 
-pytest.importorskip("unicorn")
-from pyvirt.hypervisor.emulated import engine
+pytestmark = guest_marks()
 
-pytestmark = [
-    pytest.mark.guest,
-    pytest.mark.slow,
-    pytest.mark.skipif(not engine.available(), reason="unicorn lacks pyvirt's patches"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="the daemon runs in its own network "
-                                                 "namespace (needs root)"),
-]
-
-BOOT = 240.0  # ~4 s idle; much more while other tests load the machine
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-ENV.pop("PYVIRT_URI", None)
+ENV = daemon_env()
 MiB = 1 << 20
 MAGIC = b"PYVIRT-VOLUME-OK"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _guest() -> None:
-    if not guest_is_built():
-        build_default_guest(log=lambda msg: print(msg, flush=True))
+    ensure_guest()
 
 
 @pytest.fixture
