@@ -31,6 +31,10 @@ test: setup guest rootfs
 bench: setup guest rootfs
 	$(PY) -m bench $(BENCH_ARGS)
 
+# The README's pictures of the web GUI (docs/screenshots/), from a real daemon and VMs.
+screenshots: setup guest
+	$(PY) -m bench.screenshots
+
 soak: setup guest
 	$(PY) -m bench.soak --boots $(N)
 

@@ -1,6 +1,6 @@
 """``make bench``: pyvirt side by side with C and QEMU; prints medians and ratios.
 
-    python -m bench [--runs N] [--only kvm,emu,blk,life,net,daemon] [--images raw,...]
+    python -m bench [--runs N] [--only kvm,emu,blk,life,net,daemon,web] [--images raw,...]
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from bench.common import print_rows
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--runs", type=int, default=5, help="runs per side (alternating)")
-    ap.add_argument("--only", default="kvm,emu,blk,life,net,daemon",
-                    help="comma-separated: kvm, emu, blk, life, net, daemon")
+    ap.add_argument("--only", default="kvm,emu,blk,life,net,daemon,web",
+                    help="comma-separated: kvm, emu, blk, life, net, daemon, web")
     ap.add_argument("--images", default="raw,qcow2-fresh,qcow2-allocated,qcow2-chain",
                     help="blk: the scratch disks' kinds, comma-separated: raw, qcow2-fresh, "
                          "qcow2-allocated, qcow2-chain")
@@ -56,6 +56,11 @@ def main() -> None:
 
         print_rows("management: pyvirtd + CLI (vs virsh/libvirtd 9.0 where named); default "
                    "guest, software CPU", daemon_bench.run(args.runs))
+    if "web" in which:
+        from bench import web_bench
+
+        print_rows("web GUI in Debian's Chromium (Playwright); default guest, software CPU",
+                   web_bench.run(args.runs))
 
 
 if __name__ == "__main__":

@@ -491,6 +491,49 @@ class Client:
     def iface_list(self, name: str) -> list[dict[str, Any]]:
         return self._get(_d(name, "interfaces"))  # type: ignore[no-any-return]
 
+    # -- monitoring, clone, disks and NICs
+    def host(self) -> dict[str, Any]:
+        return self._get("/v1/host")  # type: ignore[no-any-return]
+
+    def metrics_history(self, domain: str | None = None) -> dict[str, Any]:
+        if domain is None:
+            return self._get("/v1/metrics/history")  # type: ignore[no-any-return]
+        return self._get("/v1/metrics/history", domain=domain)  # type: ignore[no-any-return]
+
+    def clone(self, name: str, new: str, description: str | None = None) -> int:
+        body: dict[str, Any] = {"name": new}
+        if description is not None:
+            body["description"] = description
+        return int(self._post(_d(name, "clone"), body)["task"])
+
+    def disk_add(self, name: str, pool: str, *, volume: str | None = None,
+                 size_bytes: int | None = None, format: str = "qcow2") -> dict[str, Any]:
+        body: dict[str, Any] = {"pool": pool}
+        if volume is not None:
+            body["volume"] = volume
+        else:
+            body.update(size_bytes=size_bytes, format=format)
+        return self._post(_d(name, "disks"), body)  # type: ignore[no-any-return]
+
+    def disk_remove(self, name: str, index: int, *, remove_storage: bool = False) -> None:
+        self.request("DELETE", _d(name, "disks", str(int(index))),
+                     query={"remove_storage": remove_storage})
+
+    def disk_resize(self, name: str, index: int, size_bytes: int) -> None:
+        self._post(_d(name, "disks", str(int(index)), "resize"), {"size_bytes": size_bytes})
+
+    def iface_add(self, name: str, network: str, *, mac: str | None = None,
+                  model: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"network": network}
+        if mac is not None:
+            body["mac"] = mac
+        if model is not None:
+            body["model"] = model
+        return self._post(_d(name, "interfaces"), body)  # type: ignore[no-any-return]
+
+    def iface_remove(self, name: str, index: int) -> None:
+        self.request("DELETE", _d(name, "interfaces", str(int(index))))
+
     # -- snapshots
     def snapshot_create(self, name: str, snap: str | None = None, description: str = "") -> int:
         body: dict[str, Any] = {"description": description}
@@ -596,6 +639,32 @@ class Client:
 
     def net_leases(self, net: str) -> list[dict[str, Any]]:
         return self._get(_n(net, "leases"))  # type: ignore[no-any-return]
+
+    # -- web GUI accounts (admin)
+    def user_list(self) -> list[dict[str, Any]]:
+        return self._get("/v1/users")  # type: ignore[no-any-return]
+
+    def user_add(self, name: str, password: str, role: str = "user") -> dict[str, Any]:
+        return self._post("/v1/users", {"name": name, "role": role,  # type: ignore[no-any-return]
+                                        "password": password})
+
+    def user_set(self, name: str, *, role: str | None = None,
+                 password: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if role is not None:
+            body["role"] = role
+        if password is not None:
+            body["password"] = password
+        return self.request("PUT", _u(name), body)  # type: ignore[no-any-return]
+
+    def user_delete(self, name: str) -> None:
+        self.request("DELETE", _u(name))
+
+    def user_grant(self, name: str, domain: str) -> None:
+        self.request("PUT", _u(name, "grants", domain))
+
+    def user_revoke(self, name: str, domain: str) -> None:
+        self.request("DELETE", _u(name, "grants", domain))
 
     # -- tasks and events
     def tasks(self, active: bool = False) -> list[dict[str, Any]]:
@@ -711,3 +780,7 @@ def _p(pool: str, *rest: str) -> str:
 
 def _n(net: str, *rest: str) -> str:
     return "/v1/networks/" + "/".join(quote(p, safe="") for p in (net, *rest))
+
+
+def _u(user: str, *rest: str) -> str:
+    return "/v1/users/" + "/".join(quote(p, safe="") for p in (user, *rest))

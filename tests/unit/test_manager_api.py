@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import jsonschema
 import pytest
@@ -138,7 +139,16 @@ class FakeManager(Recorder):
                             "readonly": False}],
             "iface_list": [{"interface": "-", "type": "user", "source": "", "model": "virtio",
                             "mac": "52:54:00:00:00:01"}],
-            "snapshot_create": 8,
+            "snapshot_create": 8, "clone": 12,
+            "host_info": {"hostname": "h", "cpus": 2, "memory_bytes": 1 << 30,
+                          "memory_available_bytes": 1 << 29,
+                          "disk": {"path": "/p", "total_bytes": 1, "free_bytes": 1},
+                          "limits": {"max_vcpus": 2, "max_memory_mib": 512},
+                          "domains": {"running": 1}, "load": [0.1, 0.2, 0.3],
+                          "uptime_s": 5.0},
+            "metrics_history": {"interval_s": 2, "host": [], "domains": {}},
+            "disk_add": {"index": 1, "applies": "now"},
+            "iface_add": {"index": 0, "mac": "52:54:00:00:00:02", "applies": "next-start"},
             "snapshot_list": [{"name": "s1", "parent": None, "created": 1.0,
                                "state": "running", "description": "", "current": True,
                                "memory": True}]})
@@ -285,6 +295,22 @@ ROUTES: list[tuple[str, str, Any, int, tuple[str, tuple[Any, ...], dict[str, Any
     ("GET", "/v1/events/log?limit=5&kind=domain&object=web1", None, 200,
      ("events.recent", (), {"limit": 5, "kind": "domain", "obj": "web1"})),
     ("GET", "/v1/version", None, 200, ("", (), {})),
+    # monitoring, clone, disks and NICs (api_monitor.py; more in test_monitor_api.py)
+    ("GET", "/v1/host", None, 200, ("host_info", (None,), {})),
+    ("GET", "/v1/metrics/history?domain=web1", None, 200,
+     ("metrics_history", (None, "web1"), {})),
+    ("POST", "/v1/domains/web1/clone", {"name": "web2"}, 202,
+     ("clone", ("web1", "web2", None), {"allow_paths": True, "on_defined": ANY})),
+    ("POST", "/v1/domains/web1/disks", {"pool": "default", "size_bytes": 1 << 30}, 201,
+     ("disk_add", ("web1",), {"pool": "default", "volume": None, "size_bytes": 1 << 30,
+                              "format": "qcow2"})),
+    ("DELETE", "/v1/domains/web1/disks/1?remove_storage=true", None, 204,
+     ("disk_remove", ("web1", 1), {"remove_storage": True})),
+    ("POST", "/v1/domains/web1/disks/0/resize", {"size_bytes": 2 << 30}, 204,
+     ("disk_resize", ("web1", 0, 2 << 30), {"allow_paths": True})),
+    ("POST", "/v1/domains/web1/interfaces", {"network": "default"}, 201,
+     ("iface_add", ("web1",), {"network": "default", "mac": None, "model": None})),
+    ("DELETE", "/v1/domains/web1/interfaces/0", None, 204, ("iface_remove", ("web1", 0), {})),
 ]
 
 
@@ -306,6 +332,7 @@ def test_every_route_is_tested(spec: dict[str, Any]) -> None:
     app = make_app(FakeManager())
     tested = {(m, re.sub(r"\?.*", "", u)) for m, u, *_ in ROUTES}
     tested |= {("PUT", "/v1/pools/default/volumes/a.qcow2/data"), ("GET", "/v1/events"),
+               ("GET", "/v1/metrics/stream"),
                ("GET", "/v1/openapi.json")}
     for route in app.routes:
         if isinstance(route, WebSocketRoute):

@@ -58,9 +58,10 @@ def test_define_list_get_undefine(root: Path, kernel: str) -> None:
         assert d["memory"] == 256 << 20 and d["definition"]["description"] == "front"
         again = m.define({"name": "web1", "kernel": kernel, "cpus": 1})  # replaces
         assert again["uuid"] == d["uuid"] and again["memory"] == 512 << 20
-        with pytest.raises(AlreadyExists, match="domain 'web1' already exists"):
+        with pytest.raises(AlreadyExists, match="domain 'web1' already exists") as taken:
             m.define({"name": "web1", "kernel": kernel,
                       "uuid": "00000000-0000-4000-8000-000000000001"})
+        assert taken.value.field == "name"  # the web wizard shows it next to the name
         with pytest.raises(InvalidArgument, match=r"^disks\[0\]\.volume: "):
             m.define({"name": "web2", "kernel": kernel, "disks": [{"volume": "nope/x"}]})
         assert [x["name"] for x in m.list_domains()] == ["web1"]

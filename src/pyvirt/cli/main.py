@@ -48,7 +48,8 @@ class _LazyGroup(click.Group):
 
     _lazy = {"ctl": ("pyvirt.cli.ctl", "ctl"),
              "img": ("pyvirt.cli.img", "img"),  # disk images: qemu-img's verbs
-             "daemon": ("pyvirt.manager.daemon", "daemon")}  # pyvirtd
+             "daemon": ("pyvirt.manager.daemon", "daemon"),  # pyvirtd
+             "user": ("pyvirt.cli.users", "user")}  # the web GUI's accounts
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         from pyvirt.cli.virsh import VERBS

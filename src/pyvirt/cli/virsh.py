@@ -52,6 +52,9 @@ VERBS: dict[str, str] = {
     "net-destroy": "net_destroy", "net-undefine": "net_undefine", "net-info": "net_info",
     "net-autostart": "net_autostart", "net-dhcp-leases": "net_dhcp_leases",
     "event": "event", "create": "create",
+    "clone": "clone", "attach-disk": "attach_disk", "detach-disk": "detach_disk",
+    "blockresize": "blockresize", "attach-interface": "attach_interface",
+    "detach-interface": "detach_interface",
 }
 
 #: the most a definition file may hold (a definition is a few KiB)
@@ -1685,3 +1688,136 @@ def _default_nic(c: Any) -> dict[str, Any]:
     except PyvirtError:
         pass
     return {"kind": "user"}
+
+
+# ---- clone, disks and NICs (definition edits: a running domain gets them at its next start)
+
+def _disk_index(target: str) -> int:
+    """``vdb`` (or ``1``) as the disk's index."""
+    t = target.strip()
+    if t.isdigit():
+        return int(t)
+    letters = t[2:] if t.startswith("vd") else ""
+    if not letters or not letters.isalpha() or not letters.islower() or len(letters) > 2:
+        raise CliError(f"{_one_line(target)}: not a disk target (vda, vdb, ...)")
+    n = 0
+    for ch in letters:
+        n = n * 26 + (ord(ch) - ord("a") + 1)
+    return n - 1
+
+
+def _applies(answer: dict[str, Any]) -> str:
+    return " (at the next start)" if answer.get("applies") == "next-start" else ""
+
+
+@click.command()
+@_domain_arg("source")
+@click.argument("new")
+@click.option("--description", default=None, help="The new domain's description.")
+@click.pass_context
+def clone(ctx: click.Context, source: str, new: str, description: str | None) -> None:
+    """A copy of the shut-off domain SOURCE named NEW (its disks copied; new uuid and MACs)."""
+
+    def go(c: Any) -> None:
+        _wait(c, _task_id(c.clone(source, new, description)), f"cloning {source}")
+        click.echo(f"Domain '{new}' cloned from '{source}'")
+
+    _run(ctx, go)
+
+
+@click.command("attach-disk")
+@_domain_arg()
+@click.argument("volume", required=False)
+@click.option("--pool", default="default", show_default=True, help="The storage pool.")
+@click.option("--size", default=None, help="A new volume of this size (10G, 512M).")
+@click.option("--format", "fmt", type=click.Choice(["qcow2", "raw"]), default="qcow2",
+              show_default=True, help="The new volume's format.")
+@click.pass_context
+def attach_disk(ctx: click.Context, domain: str, volume: str | None, pool: str,
+                size: str | None, fmt: str) -> None:
+    """Add the existing volume VOLUME (POOL/VOL or VOL of --pool), or a new one of --size."""
+    if (volume is None) == (size is None):
+        raise click.UsageError("give a VOLUME or --size (a new volume), not both")
+    if volume is not None and "/" in volume:
+        pool, _, volume = volume.partition("/")
+
+    def go(c: Any) -> None:
+        size_bytes = parse_scaled(size, "--size", "m") if size is not None else None
+        got = c.disk_add(domain, pool, volume=volume, size_bytes=size_bytes, format=fmt)
+        click.echo(f"Disk {got.get('target')} ({got.get('volume')}) attached to "
+                   f"'{domain}'{_applies(got)}")
+
+    _run(ctx, go)
+
+
+@click.command("detach-disk")
+@_domain_arg()
+@click.argument("target")
+@click.option("--remove-storage", is_flag=True, help="Also delete its volume.")
+@click.pass_context
+def detach_disk(ctx: click.Context, domain: str, target: str, remove_storage: bool) -> None:
+    """Remove the disk TARGET (vdb) from DOMAIN's definition."""
+    def go(c: Any) -> None:
+        index = _disk_index(target)
+        c.disk_remove(domain, index, remove_storage=remove_storage)
+        click.echo(f"Disk {target} detached from '{domain}'")
+
+    _run(ctx, go)
+
+
+@click.command()
+@_domain_arg()
+@click.argument("target")
+@click.argument("size")
+@click.pass_context
+def blockresize(ctx: click.Context, domain: str, target: str, size: str) -> None:
+    """Grow the disk TARGET (vda) of the shut-off DOMAIN to SIZE (10G; a bare number: KiB)."""
+    def go(c: Any) -> None:
+        index = _disk_index(target)
+        size_bytes = parse_scaled(size, "size", "k")
+        c.disk_resize(domain, index, size_bytes)
+        click.echo(f"Block device '{target}' is resized")
+
+    _run(ctx, go)
+
+
+@click.command("attach-interface")
+@_domain_arg()
+@click.argument("type_", metavar="TYPE", type=click.Choice(["network"]))
+@click.argument("source")
+@click.option("--mac", default=None, help="Its MAC address (default: derived).")
+@click.option("--model", type=click.Choice(["virtio"]), default=None, help="The NIC model.")
+@click.pass_context
+def attach_interface(ctx: click.Context, domain: str, type_: str, source: str,
+                     mac: str | None, model: str | None) -> None:
+    """Add a NIC on the virtual network SOURCE."""
+
+    def go(c: Any) -> None:
+        got = c.iface_add(domain, source, mac=mac, model=model)
+        click.echo(f"Interface {got.get('mac')} attached to '{domain}'{_applies(got)}")
+
+    _run(ctx, go)
+
+
+@click.command("detach-interface")
+@_domain_arg()
+@click.argument("type_", metavar="TYPE", type=click.Choice(["network", "user", "tap"]))
+@click.option("--mac", default=None, help="Which one (needed when several are of TYPE).")
+@click.pass_context
+def detach_interface(ctx: click.Context, domain: str, type_: str, mac: str | None) -> None:
+    """Remove a NIC of TYPE (the one with --mac) from DOMAIN's definition."""
+
+    def go(c: Any) -> None:
+        nics = c.iface_list(domain)
+        found = [i for i, n in enumerate(nics) if n.get("type") == type_
+                 and (mac is None or str(n.get("mac")).lower() == mac.lower())]
+        if not found:
+            raise CliError(f"domain '{domain}' has no {type_} interface"
+                           + (f" with MAC {_one_line(mac)}" if mac else ""))
+        if len(found) > 1:
+            raise CliError(f"domain '{domain}' has {len(found)} {type_} interfaces: "
+                           "say which with --mac")
+        c.iface_remove(domain, found[0])
+        click.echo(f"Interface detached from '{domain}'")
+
+    _run(ctx, go)

@@ -37,7 +37,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocketDisconnect
 
 import pyvirt
-from pyvirt.manager.errors import InvalidArgument, ManagerError, OperationInvalid
+from pyvirt.manager import auth
+from pyvirt.manager.api_monitor import add_monitor_routes
+from pyvirt.manager.errors import InvalidArgument, ManagerError, NotFound, OperationInvalid
 
 if TYPE_CHECKING:
     from pyvirt.manager.manager import Manager
@@ -106,6 +108,17 @@ class ResizeBody(_Strict):
 class CloneBody(_Strict):
     name: str = Field(min_length=1, max_length=255)
     mode: Literal["overlay", "copy"] = "overlay"
+
+
+class UserBody(_Strict):
+    name: str = Field(max_length=64)
+    role: str = Field(default="user", max_length=16)
+    password: str = Field(max_length=auth.PASSWORD_MAX)
+
+
+class UserUpdateBody(_Strict):
+    role: str | None = Field(default=None, max_length=16)
+    password: str | None = Field(default=None, max_length=auth.PASSWORD_MAX)
 
 
 class ImportBody(_Strict):
@@ -440,22 +453,33 @@ def make_app(manager: Manager, *, uri: str | None = None,
     # -- domains
     @r.get("/v1/domains", response_model=None,
            responses={200: {"model": list[DomainSummary]}})
-    def list_domains(all: bool = True) -> Any:
-        return m.list_domains(all=all)
+    def list_domains(request: Request, all: bool = True) -> Any:
+        seen = auth.visible_names(m, auth.principal_of(request))
+        return [d for d in m.list_domains(all=all) if seen is None or d["name"] in seen]
+
+    def define_as(request: Request, doc: dict[str, Any]) -> Any:
+        # what a non-admin may define, checked before the Manager sees it; the
+        # domain they made is theirs (auth.grant_on_create)
+        who = auth.principal_of(request)
+        auth.check_definition(m, who, doc)
+        auth.check_existing(m, who, doc)
+        out = m.define(doc)
+        auth.grant_on_create(m, who, out["name"])
+        return out
 
     @r.post("/v1/domains", status_code=201, response_model=None,
             responses={201: {"model": Domain}})
-    def define(doc: Definition) -> Any:
-        return m.define(doc)
+    def define(request: Request, doc: Definition) -> Any:
+        return define_as(request, doc)
 
     @r.put("/v1/domains/{name}", response_model=None, responses={200: {"model": Domain}})
-    def redefine(name: Name, doc: Definition) -> Any:
+    def redefine(request: Request, name: Name, doc: Definition) -> Any:
         if "name" not in doc:
             doc = {**doc, "name": name}
         elif doc["name"] != name:
             raise InvalidArgument(f"{doc['name']!r} differs from the domain being "
                                   f"replaced ({name!r})", field="name")
-        return m.define(doc)
+        return define_as(request, doc)
 
     @r.get("/v1/domains/{name}", response_model=None, responses={200: {"model": Domain}})
     def get_domain(name: Name) -> Any:
@@ -570,7 +594,8 @@ def make_app(manager: Manager, *, uri: str | None = None,
 
     @r.post("/v1/pools/{pool}/volumes", status_code=202, response_model=None,
             responses=T202)
-    def vol_create(pool: Name, body: VolumeCreateBody) -> JSONResponse:
+    def vol_create(request: Request, pool: Name, body: VolumeCreateBody) -> JSONResponse:
+        auth.check_volume_create(m, auth.principal_of(request), pool, body.backing)
         return task(m.storage.vol_create(pool, body.name, body.capacity, body.format,
                                          backing=body.backing, prealloc=body.prealloc))
 
@@ -659,17 +684,35 @@ def make_app(manager: Manager, *, uri: str | None = None,
         return nets().leases(net)
 
     # -- tasks and events
+    def task_filter(request: Request) -> Callable[[dict[str, Any]], bool] | None:
+        """Which tasks the caller sees: about their domains, or started by them."""
+        who = auth.principal_of(request)
+        seen = auth.visible_names(m, who)
+        if seen is None:
+            return None
+        mine = auth.accounts(m).tasks_of(who.name) if who.via == "session" else set()
+        return lambda t: t["id"] in mine or (t["object"] in seen and t["kind"] in _DOMAIN_TASKS)
+
     @r.get("/v1/tasks", response_model=None, responses={200: {"model": list[Task]}})
-    def tasks(active: bool = False) -> Any:
-        return m.tasks.list(active_only=active)
+    def tasks(request: Request, active: bool = False) -> Any:
+        keep = task_filter(request)
+        return [t for t in m.tasks.list(active_only=active) if keep is None or keep(t)]
 
     @r.get("/v1/tasks/{tid}", response_model=None, responses={200: {"model": Task}})
-    def get_task(tid: TaskId) -> Any:
-        return m.tasks.get(tid)
+    def get_task(request: Request, tid: TaskId) -> Any:
+        t = m.tasks.get(tid)
+        keep = task_filter(request)
+        if keep is not None and not keep(t):
+            raise NotFound(f"task {tid} not found")
+        return t
 
     @r.get("/v1/events/log", response_model=None, responses={200: {"model": list[Event]}})
-    def event_log(limit: Limit = 100, kind: Kind = None, object: Obj = None) -> Any:
-        return m.events.recent(limit=limit, kind=kind, obj=object)
+    def event_log(request: Request, limit: Limit = 100, kind: Kind = None,
+                  object: Obj = None) -> Any:
+        seen = auth.visible_names(m, auth.principal_of(request))
+        if seen is None:
+            return m.events.recent(limit=limit, kind=kind, obj=object)
+        return _visible_events(m, seen, limit, kind, object)
 
     @r.get("/v1/events", response_class=StreamingResponse,
            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -680,11 +723,41 @@ def make_app(manager: Manager, *, uri: str | None = None,
         if since is None and "last-event-id" in request.headers:
             with contextlib.suppress(ValueError):
                 since = max(0, int(request.headers["last-event-id"]))
+        who = auth.principal_of(request)
         sub = await run_in_threadpool(m.events.subscribe, since)
-        return StreamingResponse(_sse(sub, keepalive_s, closers),
+        keep = None if who.admin else lambda ev: _event_visible(m, who, ev)
+        return StreamingResponse(_sse(sub, keepalive_s, closers, keep),
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-store",
                                           "x-accel-buffering": "no"})
+
+    add_monitor_routes(r, m, closers=closers, keepalive_s=keepalive_s)
+    # -- web GUI accounts (admin only: auth.authorize)
+    accounts = auth.accounts(m)
+
+    @r.get("/v1/users", response_model=None)
+    def user_list() -> Any:
+        return accounts.user_list()
+
+    @r.post("/v1/users", status_code=201, response_model=None)
+    def user_add(body: UserBody) -> Any:
+        return accounts.user_add(body.name, body.role, body.password)
+
+    @r.put("/v1/users/{user}", response_model=None)
+    def user_set(user: Name, body: UserUpdateBody) -> Any:
+        return accounts.user_set(user, role=body.role, password=body.password)
+
+    @r.delete("/v1/users/{user}", status_code=204, response_class=Response)
+    def user_delete(user: Name) -> None:
+        accounts.user_delete(user)
+
+    @r.put("/v1/users/{user}/grants/{name}", status_code=204, response_class=Response)
+    def user_grant(user: Name, name: Name) -> None:
+        accounts.grant(user, name)
+
+    @r.delete("/v1/users/{user}/grants/{name}", status_code=204, response_class=Response)
+    def user_revoke(user: Name, name: Name) -> None:
+        accounts.revoke(user, name)
 
     app.include_router(r)
 
@@ -740,8 +813,9 @@ def close_streams(app: FastAPI) -> None:
         close()
 
 
-async def _sse(sub: Any, keepalive_s: float,
-               closers: set[Callable[[], None]]) -> AsyncIterator[bytes]:
+async def _sse(sub: Any, keepalive_s: float, closers: set[Callable[[], None]],
+               keep: Callable[[dict[str, Any]], bool] | None = None
+               ) -> AsyncIterator[bytes]:
     """Events from a subscription as SSE. A plain thread waits on the subscription
     (not the shared worker pool, which long streams would exhaust) and hands each
     event to the loop."""
@@ -757,6 +831,8 @@ async def _sse(sub: Any, keepalive_s: float,
                     if getattr(sub, "closed", False):
                         break
                     continue
+                if keep is not None and ev.get("event") != "overflow" and not keep(ev):
+                    continue  # about a domain the caller cannot see
                 loop.call_soon_threadsafe(queue.put_nowait, ev)
                 if ev.get("event") == "overflow":
                     break
@@ -792,6 +868,32 @@ async def _sse(sub: Any, keepalive_s: float,
         stop.set()
         with contextlib.suppress(Exception):
             sub.close()
+
+
+#: task kinds whose object is a domain name (the others name volumes, pools...)
+_DOMAIN_TASKS = frozenset({"save", "snapshot", "clone", "start", "restore", "migrate"})
+
+
+def _event_visible(m: Manager, who: auth.Principal, ev: dict[str, Any]) -> bool:
+    if ev.get("kind") != "domain":
+        return False
+    seen = auth.visible_names(m, who)
+    return seen is None or ev.get("object") in seen
+
+
+def _visible_events(m: Manager, seen: set[str], limit: int, kind: str | None,
+                    obj: str | None) -> list[dict[str, Any]]:
+    """The last ``limit`` events about the domains in ``seen``."""
+    if (kind is not None and kind != "domain") or (obj is not None and obj not in seen):
+        return []
+    names = sorted(seen if obj is None else {obj})
+    if not names:
+        return []
+    marks = ",".join("?" * len(names))
+    with m.store.read() as db:
+        rows = db.execute(f"SELECT * FROM events WHERE kind = 'domain' AND object IN "
+                          f"({marks}) ORDER BY id DESC LIMIT ?", (*names, limit)).fetchall()
+    return [dict(row) for row in reversed(rows)]
 
 
 async def _refuse_ws(ws: WebSocket, status: int, body: dict[str, Any]) -> None:

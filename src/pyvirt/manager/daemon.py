@@ -174,6 +174,42 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_web(web: str | None, cert: Path | None, key: Path | None,
+               idle: float | None) -> tuple[str, int] | None:
+    """The web listener's address ([ADDR:]PORT, loopback by default); a
+    non-loopback one needs TLS."""
+    if web is None:
+        if cert or key or idle is not None:
+            raise UserInputError("--web-cert, --web-key and --web-session-idle are only used "
+                                 "with --web")
+        return None
+    if web.isdigit():
+        web = f"127.0.0.1:{web}"
+    try:
+        host, port = _parse_listen(web)
+    except UserInputError:
+        raise UserInputError(f"--web {web!r}: expected [ADDR:]PORT") from None
+    if (cert is None) != (key is None):
+        raise UserInputError("--web-cert and --web-key go together")
+    if idle is not None and not 1 <= idle <= 7 * 86400:
+        raise UserInputError("--web-session-idle: expected 1 to 604800 seconds")
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if cert is None and not loopback:
+        raise UserInputError(f"--web {web}: a non-loopback address needs TLS "
+                             "(--web-cert and --web-key)")
+    if cert is not None and key is not None:
+        for what, p in (("web TLS certificate", cert), ("web TLS key", key)):
+            if not os.path.isfile(p):
+                raise UserInputError(f"{what} {p}: no such file")
+        _check_tls(cert, key)
+    return host, port
+
+
 def _sd_notify(message: str) -> None:
     """Tell systemd (Type=notify) we are ready; nothing when not under systemd."""
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -188,9 +224,12 @@ def _sd_notify(message: str) -> None:
 def run_daemon(paths: DaemonPaths, *, listen: str | None = None,
                tls_cert: Path | None = None, tls_key: Path | None = None,
                token_file: Path | None = None, group: str | None = None,
-               start_networks: bool = True) -> int:
+               start_networks: bool = True, web: str | None = None,
+               web_cert: Path | None = None, web_key: Path | None = None,
+               web_session_idle: float | None = None) -> int:
     """Run pyvirtd until SIGTERM/SIGINT; 0 then. Bad arguments raise
     ``UserInputError`` before anything is touched."""
+    web_addr = _check_web(web, web_cert, web_key, web_session_idle)
     tcp: tuple[str, int] | None = None
     token: str | None = None
     if listen is not None:
@@ -214,6 +253,9 @@ def run_daemon(paths: DaemonPaths, *, listen: str | None = None,
         tcp_sock = _bind_tcp(*tcp) if tcp else None
         if tcp_sock is not None:
             stack.callback(tcp_sock.close)
+        web_sock = _bind_tcp(*web_addr) if web_addr else None
+        if web_sock is not None:
+            stack.callback(web_sock.close)
 
         from pyvirt.manager.manager import Manager
 
@@ -233,6 +275,17 @@ def run_daemon(paths: DaemonPaths, *, listen: str | None = None,
             listeners.append((require_token(app, token), tcp_sock,
                               {"ssl_certfile": os.fspath(tls_cert or ""),
                                "ssl_keyfile": os.fspath(tls_key or "")}))
+        if web_sock is not None:
+            from pyvirt.manager.auth import IDLE_S
+            from pyvirt.manager.web import make_web_app
+
+            web_tls = web_cert is not None
+            web_app = make_web_app(app, manager, tls=web_tls, token=token,
+                                   idle_s=web_session_idle or IDLE_S)
+            listeners.append((web_app, web_sock,
+                              {"ssl_certfile": os.fspath(web_cert or ""), "ssl_keyfile":
+                               os.fspath(web_key or "")} if web_tls else {}))
+            log.info("web GUI on %s://%s", "https" if web_tls else "http", web)
         log.info("pyvirtd ready on %s%s", paths.socket, f" and https://{listen}" if tcp else "")
         asyncio.run(_serve(listeners, lambda: close_streams(app)))
         log.info("pyvirtd stopping (VMs keep running)")
@@ -307,10 +360,20 @@ async def _serve(listeners: list[tuple[Any, socket.socket, dict[str, Any]]],
               help="Group allowed to use the Unix socket (default: pyvirt, if it exists).")
 @click.option("--no-networks", is_flag=True,
               help="Do not create or start networks at start-up (no default NAT network).")
+@click.option("--web", metavar="[ADDR:]PORT",
+              help="Serve the web GUI on ADDR:PORT (ADDR 127.0.0.1 by default; another "
+                   "address needs --web-cert and --web-key).")
+@click.option("--web-cert", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="TLS certificate chain (PEM) for --web.")
+@click.option("--web-key", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="TLS private key (PEM) for --web.")
+@click.option("--web-session-idle", type=float, metavar="SECONDS",
+              help="Log web sessions out after this long without a request (default 1800).")
 @click.pass_context
 def daemon(ctx: click.Context, root: Path | None, listen: str | None, tls_cert: Path | None,
            tls_key: Path | None, token_file: Path | None, group: str | None,
-           no_networks: bool) -> None:
+           no_networks: bool, web: str | None, web_cert: Path | None, web_key: Path | None,
+           web_session_idle: float | None) -> None:
     """Run pyvirtd, the management daemon (VMs, storage, networks; API on a Unix socket)."""
     from pyvirt.cli.main import _guarded
 
@@ -320,4 +383,5 @@ def daemon(ctx: click.Context, root: Path | None, listen: str | None, tls_cert: 
     paths = DaemonPaths.for_root(root) if root is not None else DaemonPaths.default()
     sys.exit(_guarded(ctx, lambda: run_daemon(
         paths, listen=listen, tls_cert=tls_cert, tls_key=tls_key, token_file=token_file,
-        group=group, start_networks=not no_networks)))
+        group=group, start_networks=not no_networks, web=web, web_cert=web_cert,
+        web_key=web_key, web_session_idle=web_session_idle)))

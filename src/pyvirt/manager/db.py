@@ -68,6 +68,25 @@ MIGRATIONS: list[str] = [
         pool TEXT NOT NULL REFERENCES pools(name) ON DELETE CASCADE, name TEXT NOT NULL,
         format TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (pool, name));
     """,
+    # 2 -> 3: the web GUI's accounts (auth.py): users with argon2 hashes, the
+    # domains granted to them, login sessions (only the cookie's sha256 is kept),
+    # and who started a task (a user sees their own tasks)
+    """
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY, hash TEXT NOT NULL, role TEXT NOT NULL,
+        created REAL NOT NULL, updated REAL NOT NULL);
+    CREATE TABLE grants (
+        user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+        domain TEXT NOT NULL REFERENCES domains(uuid) ON DELETE CASCADE,
+        PRIMARY KEY (user, domain));
+    CREATE INDEX grants_domain ON grants (domain);
+    CREATE TABLE sessions (
+        id_hash TEXT PRIMARY KEY, user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+        csrf TEXT NOT NULL, created REAL NOT NULL, last_seen REAL NOT NULL,
+        expires REAL NOT NULL);
+    CREATE INDEX sessions_user ON sessions (user);
+    CREATE TABLE task_owners (task INTEGER PRIMARY KEY, user TEXT NOT NULL);
+    """,
 ]
 
 

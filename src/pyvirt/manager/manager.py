@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from pyvirt.api.client import VmClient
     from pyvirt.manager.db import Store
     from pyvirt.manager.events import EventBus
+    from pyvirt.manager.monitor import Monitor
     from pyvirt.manager.tasks import TaskHandle, Tasks
     from pyvirt.vmm.config import VmConfig
 
@@ -83,6 +84,8 @@ START_TIMEOUT = 180.0
 #: how long ``destroy`` waits for PUT /vm/stop before SIGKILL
 DESTROY_GRACE = 10.0
 POLL_INTERVAL = 2.0
+#: memory the host keeps for itself in the limit the GUI offers (at most a quarter of it)
+MEMORY_RESERVE = 1 << 30
 
 
 @dataclass
@@ -134,6 +137,7 @@ class Manager:
         self.store: Store
         self.events: EventBus
         self.tasks: Tasks
+        self.monitor: Monitor
 
     # ---- life of the Manager
 
@@ -147,6 +151,9 @@ class Manager:
         self.events = EventBus(self.store)
         self.tasks = Tasks(self.store, self.events)
         self.tasks.recover()
+        from pyvirt.manager.monitor import Monitor
+
+        self.monitor = Monitor(self.paths.state, interval_s=POLL_INTERVAL)
         if self.privilege is None:
             from pyvirt.manager.privilege import Privilege
 
@@ -181,6 +188,7 @@ class Manager:
         for t in self._threads:
             t.join(timeout=5)
         self._threads.clear()
+        self.monitor.close()  # its streams end with the daemon
         with self._runs_lock:
             runs = list(self._runs.values())
             self._runs.clear()
@@ -292,7 +300,7 @@ class Manager:
                                  (defn.uuid,)).fetchone() if explicit_uuid else None
             if by_name is not None and explicit_uuid and by_name["uuid"] != defn.uuid:
                 raise AlreadyExists(f"domain '{defn.name}' already exists with uuid "
-                                    f"{by_name['uuid']}")
+                                    f"{by_name['uuid']}", "name")
             if by_name is not None and not explicit_uuid:
                 import dataclasses
 
@@ -352,6 +360,7 @@ class Manager:
                                    (uuid,)).fetchall()
             with self.store.write() as db:
                 db.execute("DELETE FROM domains WHERE uuid = ?", (uuid,))
+            self.monitor.forget(uuid)
             if remove_storage and self.storage is not None:
                 volumes = [d.volume for d in defn.disks if d.volume is not None]
                 # a snapshot points the definition at overlays: the pool volumes they
@@ -699,6 +708,7 @@ class Manager:
                     run.cgroup.remove()
             with contextlib.suppress(Exception):
                 self._record_stopped(run.uuid, state, reason, detail)
+            self.monitor.stopped(run.uuid)
             with self._runs_lock:
                 if self._runs.get(run.uuid) is run:
                     del self._runs[run.uuid]
@@ -757,28 +767,46 @@ class Manager:
                     log.exception("supervising the networks")
             with self._runs_lock:
                 runs = list(self._runs.values())
+            # one sampling pass for every client of the metrics (monitor.py)
+            self.monitor.begin()
             for run in runs:
                 if self._stop.is_set():
                     return
+                metrics: Any = None
                 try:
-                    self._poll(run)
+                    metrics = self._poll(run)
                 except Exception:
                     log.exception("polling %s", run.name)
+                if not run.done.is_set():
+                    self.monitor.domain(run.uuid, run.name, run.proc.pid, metrics)
+            try:
+                with self.store.read() as db:
+                    defined = {r["uuid"]: r["name"] for r in
+                               db.execute("SELECT uuid, name FROM domains").fetchall()}
+            except Exception:
+                log.exception("listing the domains for the monitor")
+                defined = None
+            self.monitor.end(defined)
 
-    def _poll(self, run: _Run) -> None:
+    def _poll(self, run: _Run) -> Any:
+        """Reboots and pauses behind our back; returns the VMM's metric samples
+        (the one GET /metrics of this pass), None when it did not answer."""
         from pyvirt.api.client import ApiConnectionError, ApiError, VmClient
 
         lock = self._lock(run.uuid)
         if not lock.acquire(blocking=False):
-            return  # an operation owns the VM's state now
+            return None  # an operation owns the VM's state now
         try:
             if run.done.is_set():
-                return
+                return None
+            samples: Any = None
             try:
                 with VmClient(run.api_socket, timeout=2.0) as c:
                     info = c.info()
+                    with contextlib.suppress(ApiConnectionError, ApiError):
+                        samples = c.metrics().samples
             except (ApiConnectionError, ApiError):
-                return
+                return None
             boots = int(info.get("boot_count") or 0)
             if boots > run.boot_count:
                 run.boot_count = boots
@@ -790,6 +818,7 @@ class Manager:
             elif info.get("state") == "running" and rs["state"] == "paused":
                 self._set_state(run.uuid, "running", "unpaused")
                 self._emit(run.name, "resumed", "unpaused")
+            return samples
         finally:
             lock.release()
 
@@ -1277,6 +1306,369 @@ class Manager:
                             "mac": macs[i]})
         return out
 
+    # ---- monitoring (monitor.py: the poller samples; these read)
+
+    def host_info(self, visible: set[str] | None = None) -> dict[str, Any]:
+        """The host's figures for the GUI; ``visible``: the domain names counted
+        (None: all)."""
+        import socket
+
+        from pyvirt.manager.monitor import parse_meminfo
+        from pyvirt.vmm.config import MAX_CPUS_HARD, MIN_MEMORY
+
+        cpus = os.cpu_count() or 1
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                mem_total, mem_avail = parse_meminfo(f.read(65536))
+        except (OSError, ValueError, KeyError, IndexError):
+            mem_total = mem_avail = 0
+        try:
+            st = os.statvfs(self.paths.state)
+            disk_total, disk_free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        except OSError:
+            disk_total = disk_free = 0
+        try:
+            with open("/proc/uptime", encoding="ascii") as f:
+                uptime = float(f.read(256).split()[0])
+        except (OSError, ValueError, IndexError):
+            uptime = 0.0
+        counts: dict[str, int] = dict.fromkeys(("running", "paused", "shut off"), 0)
+        for d in self.list_domains():
+            if visible is None or d["name"] in visible:
+                counts[d["state"]] = counts.get(d["state"], 0) + 1
+        # the host keeps MEMORY_RESERVE for itself (the daemon, the VMMs' overhead)
+        reserve = min(MEMORY_RESERVE, mem_total // 4)
+        max_mib = max(MIN_MEMORY >> 20, ((mem_total - reserve) >> 20) & ~1)
+        return {"hostname": socket.gethostname(), "cpus": cpus, "memory_bytes": mem_total,
+                "memory_available_bytes": mem_avail,
+                "disk": {"path": str(self.paths.state), "total_bytes": disk_total,
+                         "free_bytes": disk_free},
+                "limits": {"max_vcpus": min(cpus, MAX_CPUS_HARD), "max_memory_mib": max_mib},
+                "domains": counts, "load": [round(x, 2) for x in os.getloadavg()],
+                "uptime_s": round(uptime, 1)}
+
+    def metrics_history(self, visible: set[str] | None = None,
+                        domain: str | None = None) -> dict[str, Any]:
+        """The host's and the domains' recent samples (``domain``: that one only)."""
+        names = visible
+        if domain is not None:
+            self._row(domain)  # 404 for an unknown domain
+            names = {domain} if visible is None or domain in visible else set()
+        return self.monitor.history(names)
+
+    # ---- clone, disks and NICs (definition edits: a running VM gets them at its next start)
+
+    def clone(self, name: str, new_name: str, description: str | None = None, *,
+              allow_paths: bool = True,
+              on_defined: Callable[[str], None] | None = None) -> int:
+        """A task: a new domain ``new_name`` from the shut-off ``name``: new uuid,
+        new MACs (derived from the new name), each volume disk copied in full into
+        its pool as ``NEW-<index>``, each path disk (``allow_paths``) copied next to
+        the original. ``on_defined(new_name)`` runs once it is defined."""
+        row = self._row(name)
+        uuid, src_name = row["uuid"], row["name"]
+        if self._runstate(uuid)["state"] in ACTIVE_STATES:
+            raise OperationInvalid("domain is running: shut it down before cloning it")
+        defn = self._definition(row)
+        doc = defn.to_doc()
+        doc.pop("uuid", None)
+        doc["name"] = new_name
+        doc["autostart"] = False
+        if description is not None:
+            doc["description"] = description
+        # MACs: derived from the new name (a clone must not share its source's)
+        doc["nics"] = [{k: v for k, v in n.items() if k != "mac"} for n in doc["nics"]]
+        parse_definition(doc)  # the new name and description checked before any copy
+        with self.store.read() as db:
+            if db.execute("SELECT 1 FROM domains WHERE name = ?", (new_name,)).fetchone():
+                raise AlreadyExists(f"domain '{new_name}' already exists", "name")
+        plan: list[tuple[int, str, str, str]] = []  # (index, "volume"|"path", source, new)
+        for i, d in enumerate(defn.disks):
+            if d.volume is not None:
+                pool, _, vol = d.volume.partition("/")
+                self._check_disk_ref(i, pool, vol)
+                plan.append((i, "volume", d.volume, f"{pool}/{_clone_name(new_name, i, vol)}"))
+            else:
+                src = str(d.spec.get("path"))
+                if self._own_overlay(uuid, src):
+                    # a snapshot's overlay (the daemon's file): a flattened copy becomes
+                    # a volume of the default pool, for anyone who may clone
+                    plan.append((i, "overlay", src,
+                                 f"default/{_clone_name(new_name, i, 'x.qcow2')}"))
+                    continue
+                if not allow_paths:
+                    raise InvalidArgument("a disk given by a host path is cloned only by an "
+                                          "administrator", f"disks[{i}]")
+                if d.spec.get("readonly"):
+                    plan.append((i, "shared", src, src))  # read-only: both use the one image
+                    continue
+                dst = Path(src).with_name(_clone_name(new_name, i, Path(src).name))
+                if os.path.lexists(dst):
+                    raise AlreadyExists(f"{dst} already exists", f"disks[{i}]")
+                plan.append((i, "path", src, str(dst)))
+
+        def work(handle: TaskHandle) -> dict[str, Any]:
+            made_volumes: list[tuple[str, str]] = []
+            try:
+                with self._domain(uuid):  # the source stays shut off while it is read
+                    if self._runstate(uuid)["state"] in ACTIVE_STATES:
+                        raise OperationInvalid(f"domain '{src_name}' was started meanwhile")
+                    disks = list(doc["disks"])
+                    for n, (i, kind, src, dst) in enumerate(plan):
+                        handle.progress(n / max(1, len(plan)), f"copying {disk_target(i)}")
+                        if kind in ("volume", "overlay"):
+                            pool, _, vol = src.partition("/")
+                            new_vol = dst.partition("/")[2]
+                            tid = (self.storage.vol_clone(pool, vol, new_vol, mode="copy")
+                                   if kind == "volume" else
+                                   self._volume_from_image(Path(src), "default", new_vol))
+                            made_volumes.append((pool, new_vol))
+                            t = self.tasks.wait(tid)
+                            if t["state"] != "done":
+                                made_volumes.pop()
+                                raise OperationFailed(f"disks[{i}]: {t['error']}",
+                                                      f"disks[{i}]")
+                            disks[i] = {"volume": dst, **{
+                                k: v for k, v in disks[i].items()
+                                if k not in ("volume", "path", "format")}}
+                        elif kind == "path":
+                            handle.add_cleanup(dst)
+                            fmt = disks[i].get("format")
+                            self._copy_path_disk(handle, Path(src), fmt, Path(dst), i)
+                            disks[i] = {**disks[i], "path": dst}
+                    doc["disks"] = disks
+                    with self.store.read() as db:
+                        if db.execute("SELECT 1 FROM domains WHERE name = ?",
+                                      (new_name,)).fetchone():
+                            raise AlreadyExists(f"domain '{new_name}' already exists", "name")
+                    self.define(doc)
+                    for _i, kind, _src, dst in plan:
+                        if kind == "path":
+                            handle.drop_cleanup(dst)
+            except BaseException:
+                for pool, vol in made_volumes:
+                    with contextlib.suppress(Exception):
+                        self.storage.vol_delete(pool, vol)
+                raise
+            if on_defined is not None:
+                on_defined(new_name)
+            self._emit(src_name, "cloned", new_name)
+            return {"domain": new_name, "source": src_name}
+
+        return self.tasks.start("clone", src_name, work)
+
+    def _own_overlay(self, uuid: str, path: str) -> bool:
+        """Whether ``path`` is an image the daemon made in the domain's directory."""
+        real, mine = os.path.realpath(path), os.path.realpath(self.paths.vm_dir(uuid))
+        return real.startswith(mine + os.sep)
+
+    def _volume_from_image(self, src: Path, pool: str, name: str) -> int:
+        """A task: a flattened qcow2 copy of the image ``src`` as the new volume
+        ``pool/name``, through the storage module's create path."""
+        st = self.storage
+        from pyvirt.manager.storage import check_volume_name
+
+        pdir = st._pool_dir(st._active_row(pool))
+        check_volume_name(name)
+        return int(st._start_new(pool, pdir, name, "vol-clone", lambda h, dst: st._copy_volume(
+            h, src, "qcow2", dst, f"image {src.name}"), "qcow2"))
+
+    def _check_disk_ref(self, i: int, pool: str, vol: str) -> None:
+        if self.storage is None:
+            raise InvalidArgument("storage pools are not available in this daemon",
+                                  f"disks[{i}].volume")
+        try:
+            self.storage.vol_path(pool, vol)
+        except ManagerError as exc:
+            raise InvalidArgument(exc.message, f"disks[{i}].volume") from None
+
+    def _copy_path_disk(self, handle: TaskHandle, src: Path, fmt: str | None, dst: Path,
+                        i: int) -> None:
+        """A full copy (chain flattened) of the image ``src`` at ``dst``, same format."""
+        from pyvirt.disk import DiskError, open_disk
+
+        try:
+            probe = open_disk(src, format=fmt, readonly=True)
+            fmt = str(getattr(probe, "format", None) or fmt or "raw")
+            probe.close()
+            staged = dst.with_name(f".{dst.name}.part-{os.getpid()}")
+            handle.add_cleanup(staged)
+            self.storage._copy_volume(handle, src, fmt, staged, f"disks[{i}] ({src})")
+            os.chmod(staged, 0o600)
+            os.rename(staged, dst)
+            handle.drop_cleanup(staged)
+        except (DiskError, OSError, ValueError) as exc:
+            raise OperationFailed(f"copy of {src} failed: {exc}", f"disks[{i}]") from None
+
+    def _edit(self, name: str, change: Callable[[Definition, dict[str, Any]], None],
+              event: str, detail: str, *, field_map: dict[str, str] | None = None
+              ) -> tuple[Definition, str]:
+        """Apply ``change(defn, doc)`` to the stored definition under the domain's lock;
+        the result is checked as a definition (errors name fields, ``field_map``
+        renaming them to the request's). Returns (new definition, applies)."""
+        with self._domain(name) as row:
+            defn = self._definition(row)
+            doc = defn.to_doc()
+            change(defn, doc)
+            try:
+                new = parse_definition(doc)
+                self._check_references(new)
+            except InvalidArgument as exc:
+                if field_map and exc.field in field_map:
+                    raise InvalidArgument(exc.message, field_map[exc.field]) from None
+                raise
+            self._store_definition(row["uuid"], new)
+            active = self._runstate(row["uuid"])["state"] in ACTIVE_STATES
+        self._emit(row["name"], event, detail)
+        return new, "next-start" if active else "now"
+
+    def disk_add(self, name: str, *, pool: str, volume: str | None = None,
+                 size_bytes: int | None = None, format: str = "qcow2") -> dict[str, Any]:
+        """Add a disk: the existing volume ``pool/volume`` (used by no other
+        domain), or a new one of ``size_bytes`` in ``pool`` named NAME-diskN."""
+        row = self._row(name)
+        dname = row["name"]
+        defn = self._definition(row)
+        index = len(defn.disks)
+        if self.storage is None:
+            raise InvalidArgument("storage pools are not available in this daemon", "pool")
+        created: str | None = None
+        if volume is None:
+            if size_bytes is None:
+                raise InvalidArgument("required for a new volume", "size_bytes")
+            if format not in ("qcow2", "raw"):
+                raise InvalidArgument(f"{format!r} is not qcow2 or raw", "format")
+            try:
+                taken = {v["name"] for v in self.storage.vol_list(pool)}
+            except ManagerError as exc:
+                raise InvalidArgument(exc.message, "pool") from None
+            n = index
+            while f"{dname}-disk{n}.{format}" in taken:
+                n += 1
+            volume = f"{dname}-disk{n}.{format}"
+            try:
+                tid = self.storage.vol_create(pool, volume, size_bytes, format)
+            except InvalidArgument as exc:
+                raise InvalidArgument(exc.message, {"capacity": "size_bytes"}.get(
+                    exc.field or "", exc.field)) from None
+            t = self.tasks.wait(tid, timeout=120)
+            if t["state"] != "done":
+                raise OperationFailed(f"new volume {pool}/{volume}: {t['error']}", "pool")
+            created = volume
+        else:
+            try:
+                path, _fmt = self.storage.vol_path(pool, volume)
+            except ManagerError as exc:  # a missing pool or volume, a bad name
+                field = "pool" if "pool" in exc.message and "volume" not in exc.message \
+                    else "volume"
+                raise InvalidArgument(exc.message, field) from None
+            users = self.users_of(path)
+            if users:
+                raise InvalidArgument(f"storage volume '{pool}/{volume}' is in use by domain "
+                                      f"'{users[0]}'", "volume")
+        ref = f"{pool}/{volume}"
+
+        def change(_defn: Definition, doc: dict[str, Any]) -> None:
+            doc["disks"].append({"volume": ref})
+
+        try:
+            new, applies = self._edit(name, change, "disk-added", ref, field_map={
+                f"disks[{index}].volume": "volume", "disks": "disks"})
+        except BaseException:
+            if created is not None:
+                with contextlib.suppress(Exception):
+                    self.storage.vol_delete(pool, created)
+            raise
+        return {"index": len(new.disks) - 1, "target": disk_target(len(new.disks) - 1),
+                "volume": ref, "applies": applies}
+
+    def disk_remove(self, name: str, index: int, *, remove_storage: bool = False) -> None:
+        """Remove disk ``index`` from the definition; ``remove_storage``: its volume
+        too (a path disk's file stays)."""
+        row = self._row(name)
+        uuid = row["uuid"]
+        with self.store.read() as db:
+            if db.execute("SELECT 1 FROM snapshots WHERE domain = ?", (uuid,)).fetchone():
+                # snapshots record disks by index: removing one would shift the rest
+                raise OperationInvalid(f"domain '{row['name']}' has snapshots: delete them "
+                                       "before removing a disk")
+        removed: list[DiskDef] = []
+
+        def change(defn: Definition, doc: dict[str, Any]) -> None:
+            if not 0 <= index < len(defn.disks):
+                raise NotFound(f"domain '{defn.name}' has no disk {index}")
+            if remove_storage and self._runstate(defn.uuid)["state"] in ACTIVE_STATES:
+                raise OperationInvalid("domain is running: its disk's storage cannot be "
+                                       "removed until it stops")
+            removed.append(defn.disks[index])
+            del doc["disks"][index]
+
+        self._edit(name, change, "disk-removed", disk_target(index))
+        d = removed[0]
+        if remove_storage and d.volume is not None and self.storage is not None:
+            pool, _, vol = d.volume.partition("/")
+            self.storage.vol_delete(pool, vol)
+
+    def disk_resize(self, name: str, index: int, size_bytes: int, *,
+                    allow_paths: bool = True) -> None:
+        """Grow disk ``index`` to ``size_bytes`` (the VM shut off); a host path
+        other than the daemon's own overlays only with ``allow_paths``."""
+        with self._domain(name) as row:
+            if self._runstate(row["uuid"])["state"] in ACTIVE_STATES:
+                raise OperationInvalid("domain is running: resize its disk while it is "
+                                       "shut off")
+            defn = self._definition(row)
+            if not 0 <= index < len(defn.disks):
+                raise NotFound(f"domain '{defn.name}' has no disk {index}")
+            d = defn.disks[index]
+            if d.volume is not None:
+                pool, _, vol = d.volume.partition("/")
+                try:
+                    self.storage.vol_resize(pool, vol, size_bytes)
+                except InvalidArgument as exc:
+                    raise InvalidArgument(exc.message, "size_bytes") from None
+            else:
+                path = str(d.spec.get("path"))
+                if not allow_paths and not self._own_overlay(row["uuid"], path):
+                    raise InvalidArgument("a disk given by a host path is resized only by "
+                                          "an administrator", f"disks[{index}]")
+                _resize_image(Path(path), d.spec.get("format"), size_bytes)
+        self._emit(row["name"], "disk-resized", f"{disk_target(index)} {size_bytes}")
+
+    def iface_add(self, name: str, *, network: str, mac: str | None = None,
+                  model: str | None = None) -> dict[str, Any]:
+        """A NIC on the virtual network ``network`` (virtio; ``mac`` or derived)."""
+        if model not in (None, "virtio"):
+            raise InvalidArgument(f"{model!r}: only virtio NICs are supported", "model")
+        holder: list[int] = []
+
+        def change(defn: Definition, doc: dict[str, Any]) -> None:
+            self._pin_macs(defn, doc)
+            holder.append(len(doc["nics"]))
+            doc["nics"].append({"network": network, **({"mac": mac} if mac else {})})
+
+        row = self._row(name)
+        i = len(self._definition(row).nics)
+        new, applies = self._edit(name, change, "interface-added", network, field_map={
+            f"nics[{i}].network": "network", f"nics[{i}].mac": "mac", "nics": "nics"})
+        index = holder[0]
+        return {"index": index, "mac": new.nic_macs()[index], "applies": applies}
+
+    def iface_remove(self, name: str, index: int) -> None:
+        def change(defn: Definition, doc: dict[str, Any]) -> None:
+            if not 0 <= index < len(defn.nics):
+                raise NotFound(f"domain '{defn.name}' has no interface {index}")
+            self._pin_macs(defn, doc)  # the NICs after it keep their addresses
+            del doc["nics"][index]
+
+        self._edit(name, change, "interface-removed", str(index))
+
+    @staticmethod
+    def _pin_macs(defn: Definition, doc: dict[str, Any]) -> None:
+        """Every NIC's MAC written out: derived ones depend on the NIC's index."""
+        for n, mac in zip(doc["nics"], defn.nic_macs(), strict=True):
+            n.setdefault("mac", mac)
+
 
 def _disk_overlay(c: VmClient, disk: int, path: Path) -> dict[str, Any]:
     fn = getattr(c, "disk_overlay", None)
@@ -1313,6 +1705,32 @@ def _with_disks(defn: Definition, paths: dict[int, Path]) -> Definition:
         disks[i] = DiskDef(None, {"path": str(p), "format": "qcow2", **spec})
     return dataclasses.replace(defn, disks=tuple(disks))
 
+
+def _clone_name(new: str, index: int, old: str) -> str:
+    """NEW-<index> with the old file's extension (web1.qcow2 -> web2-0.qcow2)."""
+    ext = Path(old).suffix if Path(old).suffix in (".qcow2", ".raw", ".img") else ""
+    return f"{new}-{index}{ext}"
+
+
+def _resize_image(path: Path, fmt: str | None, size: int) -> None:
+    """Grow the image at ``path`` to ``size`` bytes (shrinking refused)."""
+    from pyvirt.disk import DiskError, open_disk
+
+    try:
+        disk = open_disk(path, format=fmt, readonly=False)
+    except DiskError as exc:
+        raise OperationFailed(f"{path}: {exc}") from None
+    try:
+        if size < disk.size:
+            raise InvalidArgument(f"{size} is below the disk's {disk.size} bytes: shrinking "
+                                  "a disk is not supported", "size_bytes")
+        if size > disk.size:
+            disk.resize(size)
+            disk.flush()
+    except (DiskError, OSError, ValueError) as exc:
+        raise OperationFailed(f"resize of {path} failed: {exc}") from None
+    finally:
+        disk.close()
 
 def _memory_limit(config: VmConfig) -> int:
     from pyvirt.manager.privilege import memory_limit_for
