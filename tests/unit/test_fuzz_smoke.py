@@ -18,7 +18,7 @@ from fuzz.targets import TARGETS
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(tmp_path: Path, target: str, *, runs: int = 300, seconds: int = 3,
+def _run(tmp_path: Path, target: str, *, runs: int = 300, seconds: int = 10,
          env: dict[str, str] | None = None) -> tuple[int, dict[str, Any], str]:
     proc = subprocess.run(
         [sys.executable, "-m", "fuzz.run", "--runs", str(runs), "--max-time", str(seconds),

@@ -570,6 +570,22 @@ def test_console_of_a_missing_or_stopped_domain_is_refused() -> None:
             assert exc.value.json()["error"]["code"] == code
 
 
+def test_console_of_a_vmm_that_just_ended_is_409_not_500() -> None:
+    # the VM was running when the route looked, its VMM gone when it connected
+    d = tempfile.mkdtemp(prefix="pv", dir="/tmp")
+    try:
+        fake = FakeManager(console=Path(d) / "gone.sock")
+        with TestClient(make_app(fake)) as c:
+            with pytest.raises(WebSocketDenialResponse) as exc, \
+                    c.websocket_connect("/v1/domains/web1/console"):
+                pass
+            assert exc.value.status_code == 409
+            assert exc.value.json()["error"]["code"] == "operation-invalid"
+            assert "is gone" in exc.value.json()["error"]["message"]
+    finally:
+        os.rmdir(d)
+
+
 def test_token_guard() -> None:
     app = require_token(make_app(FakeManager()), "s3cret")
     with TestClient(app) as c:  # type: ignore[arg-type]

@@ -66,6 +66,9 @@ def test_size_strings_and_uuid_canonical() -> None:
     ({"name": "a", "nics": [{"network": "default", "mac": "01:00:00:00:00:01"}]},
      "nics[0].mac", "multicast"),
     ({"name": "a", "nics": [{"network": "bad/name"}]}, "nics[0].network", "network name"),
+    # a trailing newline is not a name's last character ("$" would have allowed it)
+    ({"name": "a", "disks": [{"volume": "p/v\n"}]}, "disks[0].volume", "POOL/VOLUME"),
+    ({"name": "a", "nics": [{"network": "default\n"}]}, "nics[0].network", "network name"),
     ({"name": "a", "nics": [{"kind": "carrier-pigeon"}]}, "nics[0].kind", "tap or user"),
     ({"name": "a", "disks": [{"path": "/x"}] * 25}, "disks", "at most 24"),
     ({"name": "a", "description": "x" * 5000}, "description", "at most"),

@@ -776,6 +776,19 @@ def make_app(manager: Manager, *, uri: str | None = None,
         try:
             reader, writer = await asyncio.open_unix_connection(os.fspath(path))
         except OSError as exc:
+            # the VMM may have ended between the two steps (forced off, reverted):
+            # that is the domain's state, not a fault of ours
+            try:
+                await run_in_threadpool(m.console_path, name)
+            except ManagerError as again:
+                await _refuse_ws(ws, again.status, {"error": again.to_dict()})
+                return
+            except Exception:
+                log.exception("console of %r", name)
+            if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+                gone = OperationInvalid(f"the console of '{name}' is gone: its VMM is ending")
+                await _refuse_ws(ws, gone.status, {"error": gone.to_dict()})
+                return
             await _refuse_ws(ws, 500, {"error": {
                 "code": "operation-failed", "field": None,
                 "message": f"console of '{name}' cannot be reached: {exc.strerror or exc}"}})

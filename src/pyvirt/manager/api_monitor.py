@@ -75,6 +75,11 @@ class HostDisk(_Open):
 class HostLimits(_Open):
     max_vcpus: int
     max_memory_mib: int
+    #: the backend accel "auto" gives this daemon's VMs (kvm or emu), and why
+    accel_auto: str
+    accel_auto_reason: str
+    #: the vCPUs a VM may have with each accel (auto, kvm, emu); 0: not available
+    max_vcpus_by_accel: dict[str, int]
 
 
 class HostInfo(_Open):

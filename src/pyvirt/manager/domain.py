@@ -222,7 +222,7 @@ def _disk_defs(value: object) -> tuple[DiskDef, ...]:
                        if key in ("path", "format") else "unknown field")
                 raise InvalidArgument(why, f"{where}.{str(key)[:64]}")
         vol = item["volume"]
-        if not isinstance(vol, str) or not _VOLUME_RE.match(vol):
+        if not isinstance(vol, str) or not _VOLUME_RE.fullmatch(vol):
             shown = repr(vol[:60]) if isinstance(vol, str) else "this"
             raise InvalidArgument(f"{shown} is not POOL/VOLUME (letters, digits, '.', '_', '-')",
                                   f"{where}.volume")
@@ -247,7 +247,7 @@ def _nic_defs(value: object) -> tuple[NicDef, ...]:
                 raise InvalidArgument("unknown field (a network NIC has network and mac)",
                                       f"{where}.{str(key)[:64]}")
         net = item["network"]
-        if not isinstance(net, str) or not _NETWORK_RE.match(net):
+        if not isinstance(net, str) or not _NETWORK_RE.fullmatch(net):
             raise InvalidArgument("not a network name", f"{where}.network")
         out.append(NicDef(net, {k: v for k, v in item.items() if k != "network"}))
     return tuple(out)

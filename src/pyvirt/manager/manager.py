@@ -77,6 +77,8 @@ __all__ = ["ACTIVE_STATES", "Manager"]
 
 log = logging.getLogger(__name__)
 
+#: vCPUs the software CPU runs (hypervisor/emulated/backend.py refuses more)
+EMU_MAX_VCPUS = 1
 #: states in which a VMM process runs
 ACTIVE_STATES = ("running", "paused", "in shutdown")
 #: how long a VMM may take from spawn to answering its API (set-up, a restore)
@@ -1343,9 +1345,27 @@ class Manager:
                 "memory_available_bytes": mem_avail,
                 "disk": {"path": str(self.paths.state), "total_bytes": disk_total,
                          "free_bytes": disk_free},
-                "limits": {"max_vcpus": min(cpus, MAX_CPUS_HARD), "max_memory_mib": max_mib},
+                "limits": {"max_vcpus": min(cpus, MAX_CPUS_HARD), "max_memory_mib": max_mib,
+                           **self._accelerators(min(cpus, MAX_CPUS_HARD))},
                 "domains": counts, "load": [round(x, 2) for x in os.getloadavg()],
                 "uptime_s": round(uptime, 1)}
+
+    def _accelerators(self, max_vcpus: int) -> dict[str, Any]:
+        """What each ``accel`` gives a VM this daemon starts: the backend ``auto``
+        picks (the VMMs' user may be denied /dev/kvm even where the daemon is not)
+        and the vCPUs each backend runs (the software CPU: one, for now)."""
+        from pyvirt.hypervisor import HostVirt, choose, probe_host
+
+        host = probe_host()
+        if self.privilege is not None and self.privilege.drop and \
+                not self.privilege.kvm_reachable:
+            host = HostVirt(host.kvm_device, False, host.vendor_module, host.cpu_flag)
+        auto = choose("auto", host)
+        kvm_ok = host.kvm_accessible
+        per = {"kvm": max_vcpus if kvm_ok else 0, "emu": EMU_MAX_VCPUS}
+        per["auto"] = per[auto.name]
+        return {"accel_auto": auto.name, "accel_auto_reason": auto.reason,
+                "max_vcpus_by_accel": per}
 
     def metrics_history(self, visible: set[str] | None = None,
                         domain: str | None = None) -> dict[str, Any]:

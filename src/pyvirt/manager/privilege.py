@@ -451,6 +451,8 @@ class Privilege:
     #: from the same site-packages (see ``_system_python``)
     python: str | None = None
     pythonpath: str | None = None
+    #: False: /dev/kvm exists but the VM user cannot open it (its VMs use the software CPU)
+    kvm_reachable: bool = True
 
     @classmethod
     def detect(cls, *, user: str = VM_USER, api_group: str = API_GROUP,
@@ -498,6 +500,7 @@ class Privilege:
             notes.append(f"VMMs run with {python} ({user} cannot reach this daemon's "
                          f"interpreter: {blocked})")
             break
+        kvm_reachable = True
         try:
             st = os.stat(kvm_device)
         except OSError:
@@ -509,13 +512,14 @@ class Privilege:
                 if st.st_gid not in gids:
                     gids.append(st.st_gid)
             elif st.st_uid != pw.pw_uid:
+                kvm_reachable = False
                 notes.append(f"{kvm_device} is not accessible to {user} (mode "
                              f"{stat.S_IMODE(st.st_mode):04o}, group "
                              f"{_group_name(st.st_gid)}): its VMs use the software CPU")
         return cls(pw.pw_uid, pw.pw_gid, tuple(gids), drop=True,
                    reason=f"VMMs run as user {user} (uid {pw.pw_uid})", cgroups=hierarchy,
                    cgroup_reason=cg_why, host_notes=tuple(notes), api_group=api_group,
-                   python=python, pythonpath=pythonpath)
+                   python=python, pythonpath=pythonpath, kvm_reachable=kvm_reachable)
 
     def notes(self) -> list[str]:
         """What a VM started now gets, in one line each (for dominfo)."""

@@ -109,7 +109,7 @@ class _Static:
         """The file ``rel`` names, or None: every segment plain (no dot files, no
         ``..``, no backslash or NUL), a regular file inside the root after links."""
         parts = rel.split("/")
-        if not parts or any(not _SEGMENT.match(p) for p in parts):
+        if not parts or any(not _SEGMENT.fullmatch(p) for p in parts):
             return None
         path = self.root.joinpath(*parts)
         try:

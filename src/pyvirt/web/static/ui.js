@@ -74,7 +74,16 @@ export function Dialog({ title, onClose, children, describedBy }) {
       else if (!e.shiftKey && document.activeElement === z) { e.preventDefault(); a.focus(); }
     };
     document.addEventListener("keydown", onKey, true);
+    // everything outside the dialog is inert while it is open (pointer, keyboard and
+    // screen readers alike): each ancestor's other children, up to <body>
+    const inerted = [];
+    for (let node = box; node && node.parentElement && node !== document.body; node = node.parentElement) {
+      for (const sib of node.parentElement.children) {
+        if (sib !== node && !sib.inert && sib.tagName !== "SCRIPT") { sib.inert = true; inerted.push(sib); }
+      }
+    }
     return () => {
+      for (const el of inerted) el.inert = false;
       document.removeEventListener("keydown", onKey, true);
       if (before && before.focus) before.focus();
     };

@@ -97,7 +97,12 @@ export function Wizard({ session }) {
   }, [boot, imgPool]);
 
   const limits = host && host.limits ? host.limits : null;
-  const maxCpus = limits ? limits.max_vcpus : (host ? host.cpus : 255);
+  // per accelerator: the software CPU runs fewer vCPUs than KVM ("auto" is what this host gives)
+  const byAccel = limits && limits.max_vcpus_by_accel ? limits.max_vcpus_by_accel : null;
+  const maxCpus = byAccel && byAccel[accel] !== undefined ? byAccel[accel]
+    : limits ? limits.max_vcpus : (host ? host.cpus : 255);
+  const accelNote = accel === "emu" || (accel === "auto" && limits && limits.accel_auto === "emu")
+    ? " with the software CPU" : "";
   const maxMem = limits ? limits.max_memory_mib : null;
   const activePools = (pools || []).filter((p) => p.state === "active");
   const firstDiskIndex = boot === "disk" ? 1 : 0;
@@ -119,7 +124,8 @@ export function Wizard({ session }) {
     if (description.length > 1024) e.description = "At most 1024 characters.";
     const c = Number(cpus);
     if (!Number.isInteger(c) || c < 1) e.cpus = "At least 1 CPU.";
-    else if (maxCpus && c > maxCpus) e.cpus = `At most ${maxCpus} CPUs on this host.`;
+    else if (maxCpus === 0) e.accel = "KVM is not available to this host's VMs.";
+    else if (maxCpus && c > maxCpus) e.cpus = `At most ${maxCpus} CPU${maxCpus === 1 ? "" : "s"}${accelNote} on this host.`;
     const m = Number(memory);
     if (!Number.isInteger(m) || m < 16) e.memory = "At least 16 MiB.";
     else if (m % 2) e.memory = "A multiple of 2 MiB.";
@@ -309,14 +315,14 @@ export function Wizard({ session }) {
         <div class="field"><label for="wz-cpus">CPUs</label>
           <input id="wz-cpus" type="number" inputmode="numeric" min="1" max=${maxCpus || undefined} step="1" value=${cpus}
             onInput=${(e) => setCpus(e.currentTarget.value)} ...${errAttrs("cpus", errors, "wz-cpus-hint")} />
-          <span class="hint" id="wz-cpus-hint">${maxCpus ? `At most ${maxCpus} on this host.` : ""}</span>${E("cpus")}</div>
+          <span class="hint" id="wz-cpus-hint">${maxCpus ? `At most ${maxCpus}${accelNote} on this host.` : ""}</span>${E("cpus")}</div>
         <div class="field"><label for="wz-mem">Memory (MiB)</label>
           <input id="wz-mem" type="number" inputmode="numeric" min="16" max=${maxMem || undefined} step="2" value=${memory}
             onInput=${(e) => setMemory(e.currentTarget.value)} ...${errAttrs("memory", errors, "wz-mem-hint")} />
           <span class="hint" id="wz-mem-hint">${maxMem ? `At most ${maxMem} MiB on this host.` : "At least 16 MiB, a multiple of 2."}</span>${E("memory")}</div>
         <div class="field"><label for="wz-accel">Accelerator</label>
           <select id="wz-accel" value=${accel} onChange=${(e) => setAccel(e.currentTarget.value)} ...${errAttrs("accel", errors)}>
-            <option value="auto">Automatic</option>
+            <option value="auto">Automatic${limits && limits.accel_auto ? (limits.accel_auto === "kvm" ? " (KVM)" : " (software CPU)") : ""}</option>
             <option value="kvm">KVM</option>
             <option value="emu">Software CPU (emulation)</option>
           </select>${E("accel")}</div>
