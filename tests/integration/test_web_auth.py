@@ -5,6 +5,7 @@ daemon (``pyvirt daemon --web``), with httpx as the browser: no guest boots
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -154,6 +155,23 @@ def test_login_session_logout(wd: WebDaemon) -> None:
         assert out.status_code == 204 and "Max-Age=0" in out.headers["set-cookie"]
     gone = httpx.get(wd.url + "/v1/domains", cookies=r.cookies)
     assert gone.status_code == 401
+
+
+def test_an_open_event_stream_ends_at_logout(wd: WebDaemon) -> None:
+    r = _login(wd.url, *ALICE)
+    csrf = r.json()["csrf"]
+    with httpx.Client(base_url=wd.url, cookies=r.cookies, timeout=30) as c, \
+            c.stream("GET", "/v1/events") as stream:
+        assert stream.status_code == 200
+        out = httpx.delete(wd.url + "/v1/session", cookies=r.cookies,
+                           headers={"x-csrf-token": csrf})
+        assert out.status_code == 204
+        t0 = time.monotonic()
+        with contextlib.suppress(httpx.HTTPError):
+            for _ in stream.iter_bytes():  # keep-alives until the daemon ends it
+                assert time.monotonic() - t0 < 20, "the stream outlived its session"
+        # ended within the recheck interval (5 s), not by the client's timeout
+        assert time.monotonic() - t0 < 15
 
 
 def test_login_body_is_checked(wd: WebDaemon) -> None:

@@ -458,3 +458,95 @@ def test_login_answers_alike_for_unknown_user(store: Store) -> None:
     assert wrong == unknown and wrong[0] == 401
     status, body = asyncio.run(login("alice", "alice-password-1"))
     assert status == 200 and json.loads(body)["user"] == "alice"
+
+
+# ---- long connections end with their session (web.py ``_watched``)
+
+def _watched_app(store: Store, clock: Clock) -> tuple[Any, str, list[dict[str, Any]]]:
+    """A WebApp (rechecking every 20 ms) over an inner app that records what it
+    receives until a disconnect; the session's token; the inner app's log."""
+    from pyvirt.manager.web import WebApp
+
+    m = FakeManager(store)
+    acc = auth.accounts(m)
+    acc.clock = clock
+    _user(store, "alice", "admin")
+    token, _ = acc.session_create("alice")
+    got: list[dict[str, Any]] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            await receive()  # connect
+            await send({"type": "websocket.accept"})
+        while True:
+            msg = await receive()
+            got.append(msg)
+            if msg["type"] in ("websocket.disconnect", "http.disconnect"):
+                return
+
+    app = WebApp(inner, m, idle_s=100, recheck_s=0.02)  # type: ignore[arg-type]
+    return app, token, got
+
+
+def _conn(kind: str, token: str) -> dict[str, Any]:
+    headers = [(b"cookie", f"pyvirt_session={token}".encode()), (b"host", b"h:1"),
+               (b"origin", b"http://h:1")]
+    if kind == "websocket":
+        return {"type": "websocket", "path": "/v1/domains/vm/console", "headers": headers}
+    return {"type": "http", "method": "GET", "path": "/v1/events", "headers": headers}
+
+
+@pytest.mark.parametrize("kind", ["websocket", "http"])
+def test_a_long_connection_ends_with_its_session(store: Store, kind: str) -> None:
+    clock = Clock()
+    app, token, got = _watched_app(store, clock)
+    sent: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        if kind == "websocket":
+            q.put_nowait({"type": "websocket.connect"})
+
+        async def send(msg: Any) -> None:
+            sent.append(msg)
+
+        task = asyncio.ensure_future(app(_conn(kind, token), q.get, send))
+        await asyncio.sleep(0.1)
+        assert not task.done()  # the session lives: so does the connection
+        auth.accounts(app.manager).session_delete(token)  # logged out elsewhere
+        await asyncio.wait_for(task, 2)
+
+    asyncio.run(run())
+    assert got[-1]["type"] == ("websocket.disconnect" if kind == "websocket"
+                               else "http.disconnect")
+    if kind == "websocket":
+        assert sent[-1] == {"type": "websocket.close", "code": 4401,
+                            "reason": "session-expired"}
+
+
+def test_console_input_keeps_the_session_alive(store: Store) -> None:
+    clock = Clock()
+    app, token, got = _watched_app(store, clock)
+    acc = auth.accounts(app.manager)
+
+    async def run() -> None:
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        q.put_nowait({"type": "websocket.connect"})
+
+        async def send(msg: Any) -> None:
+            pass
+
+        task = asyncio.ensure_future(app(_conn("websocket", token), q.get, send))
+        # 5 minutes of typing only in the console, in steps of 60 s (idle: 100 s)
+        for _ in range(5):
+            q.put_nowait({"type": "websocket.receive", "bytes": b"x"})
+            await asyncio.sleep(0.1)  # the watcher sees the input and touches
+            clock.t += 60
+        assert not task.done()
+        assert isinstance(acc.session_lookup(token, touch=False), auth.Session)
+        # no input: the session expires, and the console with it
+        clock.t += 120
+        await asyncio.wait_for(task, 2)
+
+    asyncio.run(run())
+    assert got[-1]["type"] == "websocket.disconnect"

@@ -254,10 +254,10 @@ def test_kvm_group_access_becomes_a_supplementary_group(tmp_path: Path) -> None:
     os.chown(dev, 0, gid)
     os.chmod(dev, 0o660)
     p = Privilege.detect(user="nobody", runtime=[], kvm_device=dev)
-    assert gid in p.extra_gids and not p.host_notes
+    assert gid in p.extra_gids and not p.host_notes and p.kvm_reachable
     os.chmod(dev, 0o600)
     p = Privilege.detect(user="nobody", runtime=[], kvm_device=dev)
-    assert gid not in p.extra_gids
+    assert gid not in p.extra_gids and not p.kvm_reachable  # GET /v1/host: auto is emu
     assert p.host_notes == (f"{dev} is not accessible to nobody (mode 0600, group nogroup): "
                             "its VMs use the software CPU",)
 

@@ -233,6 +233,14 @@ def test_poller_samples_running_vms_and_drops_undefined(root: Path, kernel: str)
         info = m.host_info()
         assert info["domains"]["running"] == 1 and info["cpus"] == os.cpu_count()
         assert 0 < info["limits"]["max_memory_mib"] < info["memory_bytes"] >> 20
+        # this host's /dev/kvm is PVM or out of the VM user's reach: auto is the
+        # software CPU, which runs one vCPU
+        lim = info["limits"]
+        assert lim["max_vcpus_by_accel"]["emu"] == 1
+        assert lim["max_vcpus_by_accel"]["auto"] == lim["max_vcpus_by_accel"][lim["accel_auto"]]
+        from pyvirt.hypervisor import choose, probe_host
+        if choose("auto", probe_host()).name == "emu":
+            assert lim["accel_auto"] == "emu"
         assert m.host_info(visible=set())["domains"]["running"] == 0
         m.destroy("a")
         m.undefine("a")

@@ -266,8 +266,9 @@ class Accounts:
                        "LIMIT ?)", (name, name, SESSIONS_PER_USER))
         return token, Session(name, str(row[0]), csrf, now, now, now + self.lifetime_s)
 
-    def session_lookup(self, token: str) -> Session | str | None:
-        """The live session of ``token`` (its idle time restarted), "expired", or None."""
+    def session_lookup(self, token: str, *, touch: bool = True) -> Session | str | None:
+        """The live session of ``token`` (its idle time restarted unless not
+        ``touch``), "expired", or None."""
         if not token or len(token) > 256:
             return None
         key = _hash_token(token)
@@ -282,7 +283,7 @@ class Accounts:
         if now >= s.ends(self.idle_s):
             return "expired"
         # written at most every few seconds: not one write per request
-        if now - s.last_seen >= min(5.0, self.idle_s / 10):
+        if touch and now - s.last_seen >= min(5.0, self.idle_s / 10):
             with self.store.write() as db:
                 db.execute("UPDATE sessions SET last_seen = ? WHERE id_hash = ?", (now, key))
             s = Session(s.user, s.role, s.csrf, s.created, now, s.expires)

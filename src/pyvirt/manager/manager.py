@@ -329,13 +329,7 @@ class Manager:
         for i, d in enumerate(defn.disks):
             if d.volume is not None:
                 pool, _, vol = d.volume.partition("/")
-                if self.storage is None:
-                    raise InvalidArgument("storage pools are not available in this daemon",
-                                          f"disks[{i}].volume")
-                try:
-                    self.storage.vol_path(pool, vol)
-                except ManagerError as exc:
-                    raise InvalidArgument(exc.message, f"disks[{i}].volume") from None
+                self._check_disk_ref(i, pool, vol)
         for i, n in enumerate(defn.nics):
             if n.network is not None:
                 if self.networks is None:

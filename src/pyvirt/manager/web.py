@@ -13,7 +13,9 @@ place for every domain path), then handed to the API with its principal in
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -45,6 +47,10 @@ COOKIE = "pyvirt_session"
 STATIC_DIR = Path(__file__).resolve().parents[1] / "web" / "static"
 #: a login body is two short strings
 LOGIN_LIMIT = 8192
+#: how often a long connection's session is checked again (it ends within this)
+RECHECK_S = 5.0
+#: long-lived GETs (server-sent events): they end with their session
+STREAMS = frozenset({"/v1/events", "/v1/metrics/stream"})
 
 _TYPES = {
     ".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -179,7 +185,7 @@ class WebApp:
 
     def __init__(self, api: ASGIApp, manager: Manager, *, tls: bool = False,
                  token: str | None = None, idle_s: float = auth.IDLE_S,
-                 static_dir: Path = STATIC_DIR) -> None:
+                 static_dir: Path = STATIC_DIR, recheck_s: float = RECHECK_S) -> None:
         self.api = api
         self.manager = manager
         self.tls = tls
@@ -188,6 +194,7 @@ class WebApp:
         self.accounts.idle_s = idle_s
         self.static = _Static(static_dir)
         self.throttle = auth.LoginThrottle()
+        self.recheck_s = recheck_s
 
     # ---- the wrapper: security headers on every answer
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -249,6 +256,10 @@ class WebApp:
                     principal: auth.Principal) -> None:
         scope = dict(scope)
         scope["state"] = {**scope.get("state", {}), "principal": principal}
+        if principal.via == "session" and (scope["type"] == "websocket"
+                                           or scope["path"] in STREAMS):
+            await self._watched(scope, receive, send)
+            return
         if principal.via != "session" or scope["type"] != "http":
             await self.api(scope, receive, send)
             return
@@ -266,6 +277,63 @@ class WebApp:
             await send(msg)
 
         await self.api(scope, receive, send_noting)
+
+    async def _watched(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A long connection (a console, an event or metrics stream) lasts only as
+        long as its session: logged out, expired, the password changed or the
+        account removed, it ends within ``recheck_s``. Input on a console counts as
+        activity (typing only in the console keeps the session alive); an open
+        stream alone does not."""
+        token = _cookie(scope, COOKIE) or ""
+        ended = asyncio.Event()
+        typed = False
+        ws = scope["type"] == "websocket"
+        closed = False
+
+        async def watch() -> None:
+            nonlocal typed
+            while not ended.is_set():
+                await asyncio.sleep(self.recheck_s)
+                touch, typed = typed, False
+                found = await run_in_threadpool(self.accounts.session_lookup, token,
+                                                touch=touch)
+                if not isinstance(found, auth.Session):
+                    ended.set()
+
+        gone: Message = ({"type": "websocket.disconnect", "code": 4401} if ws
+                         else {"type": "http.disconnect"})
+
+        async def guarded_receive() -> Message:
+            nonlocal typed
+            if ended.is_set():
+                return gone
+            rx = asyncio.ensure_future(receive())
+            stop = asyncio.ensure_future(ended.wait())
+            done, _ = await asyncio.wait({rx, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if rx in done:
+                stop.cancel()
+                msg = rx.result()
+                if msg["type"] == "websocket.receive":
+                    typed = True
+                return msg
+            rx.cancel()
+            return gone
+
+        async def noting_send(msg: Message) -> None:
+            nonlocal closed
+            if msg["type"] == "websocket.close":
+                closed = True
+            await send(msg)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self.api(scope, guarded_receive, noting_send)
+        finally:
+            watcher.cancel()
+        if ws and ended.is_set() and not closed:
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": 4401,
+                            "reason": "session-expired"})
 
     # ---- who is asking
     async def _authenticate(self, scope: Scope
