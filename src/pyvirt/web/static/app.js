@@ -6,7 +6,7 @@
 import { render } from "preact";
 import { useEffect, useRef, useState } from "preact/hooks";
 import { api, ApiError } from "./api.js";
-import { startStore, stopStore } from "./store.js";
+import { prefetchDomains, startStore, stopStore } from "./store.js";
 import { html } from "./ui.js";
 
 export const TABS = ["overview", "console", "graphs", "disks", "network", "snapshots", "tasks"];
@@ -256,5 +256,6 @@ function App() {
 const firstSession = api.session.refresh();
 const firstPage = parseRoute().page;
 if (PAGES[firstPage]) loadPage(firstPage).catch(() => {});
+if (firstPage === "vms" || firstPage === "dashboard") prefetchDomains();
 
 render(html`<${App} />`, document.getElementById("app"));

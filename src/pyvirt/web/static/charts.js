@@ -113,7 +113,6 @@ export function Sparkline({ values, max = null, label, field, width = 96, height
   useEffect(() => {
     const c = ref.current;
     if (!c) return;
-    // Hundreds of rows: a canvas that never had data gets no context at all.
     if (n < 1 && !c.dataset.drawn) return;
     c.dataset.drawn = "1";
     const dpr = window.devicePixelRatio || 1;
@@ -139,6 +138,13 @@ export function Sparkline({ values, max = null, label, field, width = 96, height
     g.lineWidth = 1.5;
     g.stroke();
   }, [n, lastV, max, width, height]);
+  // Hundreds of rows, most of them shut off: a sparkline that never had data is a
+  // plain box, not a canvas (the list's first paint creates none for them)
+  if (n < 1 && !(ref.current && ref.current.dataset.drawn)) {
+    return html`<span ref=${ref} class="spark spark-empty" data-field=${field} data-points="0"
+      style=${`display:inline-block;width:${width}px;height:${height}px`}
+      role="img" aria-label=${label}></span>`;
+  }
   return html`<canvas ref=${ref} class="spark" data-field=${field} data-points=${n}
     width=${width} height=${height} style=${`width:${width}px;height:${height}px`}
     role="img" aria-label=${label}></canvas>`;

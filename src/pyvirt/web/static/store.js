@@ -98,11 +98,23 @@ function setDomains(list) {
 }
 
 /** GET /v1/domains now (one request for the whole list). */
+// The list asked for before the session is known (app.js, first page load): the
+// session check and the list travel together. A plain fetch: a 401 here must not
+// log anyone out (the session check decides that).
+let prefetched = null;
+export function prefetchDomains() {
+  prefetched = fetch("/v1/domains?all=true", { credentials: "same-origin" })
+    .then((r) => (r.ok ? r.json() : null)).catch(() => null);
+}
+
 export async function refreshDomains() {
   if (refreshing) return refreshing;
+  const early = prefetched;
+  prefetched = null;
   refreshing = (async () => {
     try {
-      setDomains(await api.get("/v1/domains?all=true"));
+      const list = early ? await early : null;
+      setDomains(list || await api.get("/v1/domains?all=true"));
     } catch (e) {
       store.domainsError = e;
       notify("domains");
@@ -201,12 +213,14 @@ export async function startStore() {
   notify("events");
   await list;
   if (!started) return;
+  let reopened = false; // the first open follows the list just read: since= covers it
   eventStream = api.events(onEvent, {
     since: last,
     onState: (s) => {
       store.streamState = s;
       notify("stream");
-      if (s === "open") scheduleRefresh(0); // catch up whatever happened while away
+      if (s === "open" && reopened) scheduleRefresh(0); // catch up whatever happened while away
+      if (s === "open") reopened = true;
     },
   });
   metricStream = api.metrics(onFrame);
@@ -216,6 +230,7 @@ export async function startStore() {
 /** End (on logout): close the streams and forget everything. */
 export function stopStore() {
   started = false;
+  prefetched = null;
   if (eventStream) eventStream.close();
   if (metricStream) metricStream.close();
   eventStream = metricStream = null;
