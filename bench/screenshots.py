@@ -35,7 +35,7 @@ def take(out: Path) -> list[Path]:
                 ("win-test", "")]):
             doc = _definition(name)
             doc["description"] = desc
-            doc["cpus"] = 1 + i % 2
+            doc["memory"] = ("128M", "256M", "512M")[i % 3]
             c.define(doc)
         for name in ("web-frontend", "db-primary"):
             c.start(name)
@@ -56,6 +56,8 @@ def take(out: Path) -> list[Path]:
                     page.goto(f"{d.url}/#/login")
                     page.wait_for_selector("text=Log in")
                     made.append(_shot(page, out / "login.png"))
+                    page.close()
+                    page = ctx.new_page()  # a fresh load with the session below
                 ctx.add_cookies([d.session_cookie()])
                 pages = [("dashboard", "#/", "[data-chart=host-cpu]"),
                          ("vm-list", "#/vms", "tr[data-vm]")]

@@ -5,12 +5,14 @@ against it; events as SSE, consoles as WebSockets, uploads streamed."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
 import socket
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -515,6 +517,41 @@ def test_events_keepalive_and_overflow_end(fake: FakeManager) -> None:
         text = "".join(r.iter_text())
     assert ": keep-alive" in text
     assert [i for i, _ in sse_events(text)] == ["1", "3"]  # nothing after the overflow
+
+
+def test_events_over_a_websocket(fake: FakeManager) -> None:
+    # the web GUI's transport: one JSON event per text message, then a close when the
+    # stream ends (here: the overflow), so that the page resumes with since=
+    overflow = {**EVENT, "id": 3, "kind": "daemon", "event": "overflow"}
+    fake.events.next_sub = FakeSub([EVENT, overflow, EVENT], idle=6)
+    with TestClient(make_app(fake, keepalive_s=0.02)) as c, \
+            c.websocket_connect("/v1/events?since=7") as ws:
+        first = json.loads(ws.receive_text())
+        assert first["id"] == 1 and first["event"] == EVENT["event"]
+        assert json.loads(ws.receive_text())["event"] == "overflow"
+        msg = ws.receive()
+        assert msg["type"] == "websocket.close" and msg["code"] == 1001
+    assert ("events.subscribe", (7,), {}) in fake.calls
+    assert fake.events.next_sub.closed
+
+
+def test_events_websocket_closed_by_the_client_ends_the_subscription(
+        fake: FakeManager) -> None:
+    class Endless(FakeSub):  # one event, then quiet until closed
+        def get(self, timeout: float) -> dict[str, Any] | None:
+            if self._events:
+                return self._events.pop(0)
+            threading.Event().wait(min(timeout, 0.05))
+            return None
+
+    fake.events.next_sub = Endless([EVENT])
+    with TestClient(make_app(fake, keepalive_s=0.02)) as c, \
+            c.websocket_connect("/v1/events") as ws:
+        assert json.loads(ws.receive_text())["id"] == 1
+    deadline = time.monotonic() + 5
+    while not fake.events.next_sub.closed and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fake.events.next_sub.closed
 
 
 @contextlib.contextmanager

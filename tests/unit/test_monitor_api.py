@@ -111,9 +111,18 @@ def test_stream_filters_by_principal_and_ends_with_the_daemon(tmp_path: Path,
 def test_keepalive_when_no_pass_comes(tmp_path: Path) -> None:
     fake = FakeManager(tmp_path)
     app = make_app(fake, keepalive_s=0.02)  # type: ignore[arg-type]
-    threading.Timer(0.5, fake.monitor.close).start()
+    # closed once a keep-alive came (a fixed timer raced a slow start under load),
+    # or after 10 s without one: then the assertion fails
+    guard = threading.Timer(10, fake.monitor.close)
+    guard.daemon = True
+    guard.start()
+    text = ""
     with TestClient(app) as c, c.stream("GET", "/v1/metrics/stream") as r:
-        text = "".join(r.iter_text())
+        for chunk in r.iter_text():
+            text += chunk
+            if ": keep-alive" in text:
+                fake.monitor.close()
+    guard.cancel()
     assert ": keep-alive" in text
 
 

@@ -731,6 +731,15 @@ def make_app(manager: Manager, *, uri: str | None = None,
                                  headers={"cache-control": "no-store",
                                           "x-accel-buffering": "no"})
 
+    # the same stream over a WebSocket (the web GUI's: a browser holds at most 6
+    # HTTP/1.1 connections to a host, and every open tab held two streams)
+    @r.websocket("/v1/events")
+    async def events_ws(ws: WebSocket, since: SinceId = None) -> None:
+        who = auth.principal_of(ws)
+        sub = await run_in_threadpool(m.events.subscribe, since)
+        keep = None if who.admin else lambda ev: _event_visible(m, who, ev)
+        await sse_over_websocket(ws, _sse(sub, keepalive_s, closers, keep))
+
     add_monitor_routes(r, m, closers=closers, keepalive_s=keepalive_s)
     # -- web GUI accounts (admin only: auth.authorize)
     accounts = auth.accounts(m)
@@ -881,6 +890,39 @@ async def _sse(sub: Any, keepalive_s: float, closers: set[Callable[[], None]],
         stop.set()
         with contextlib.suppress(Exception):
             sub.close()
+
+
+async def sse_over_websocket(ws: WebSocket, chunks: AsyncIterator[bytes]) -> None:
+    """Carry a server-sent-events stream over a WebSocket: each event's data (one
+    JSON document) as one text message; comments (keep-alives) are dropped, the
+    WebSocket's own pings keep it alive. Ends when either side does: the stream
+    (the daemon stops, a subscriber fell behind: close code 1001, the client
+    resumes with ``since``) or the client."""
+    await ws.accept()
+
+    async def pump() -> None:
+        async for chunk in chunks:
+            for line in chunk.split(b"\n"):
+                if line.startswith(b"data: "):
+                    await ws.send_text(line[6:].decode())
+
+    async def watch() -> None:
+        while (await ws.receive())["type"] != "websocket.disconnect":
+            pass  # the client sends nothing we need
+
+    sender, watcher = asyncio.ensure_future(pump()), asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (sender, watcher):
+            t.cancel()
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()  # its finally: the subscription closed
+    if sender in done and watcher not in done:
+        with contextlib.suppress(Exception):
+            await ws.close(code=1001, reason="stream ended")
 
 
 #: task kinds whose object is a domain name (the others name volumes, pools...)

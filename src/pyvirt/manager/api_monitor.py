@@ -18,7 +18,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -176,6 +176,15 @@ def add_monitor_routes(r: APIRouter, manager: Manager, *,
             _frames(sub, lambda: auth.visible_names(m, principal), keepalive_s, ends),
             media_type="text/event-stream",
             headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+    @r.websocket("/v1/metrics/stream")
+    async def metrics_stream_ws(ws: WebSocket) -> None:
+        from pyvirt.manager.api import sse_over_websocket
+
+        principal = auth.principal_of(ws)
+        sub = m.monitor.subscribe()
+        await sse_over_websocket(
+            ws, _frames(sub, lambda: auth.visible_names(m, principal), keepalive_s, ends))
 
     # -- clone
     @r.post("/v1/domains/{name}/clone", status_code=202, response_model=None, responses=t202)

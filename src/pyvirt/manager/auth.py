@@ -417,6 +417,8 @@ def authorize(manager: Any, principal: Principal, method: str, path: str
         return forbidden
     if head in ("tasks", "events", "host", "metrics", "version") and _read(method):
         return None  # filtered by the routes
+    if head in ("events", "metrics") and method == "WEBSOCKET":
+        return None  # the same streams over a WebSocket, filtered the same way
     if head in ("pools", "networks") and _read(method):
         return None
     if (head == "pools" and method == "POST" and len(parts) == 3 and parts[2] == "volumes"

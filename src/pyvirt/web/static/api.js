@@ -1,6 +1,6 @@
 // The ONE client of the daemon's API for every page: JSON requests with the CSRF
-// header, the event stream, the metrics stream, the console WebSocket, task following.
-// Pages never call fetch/EventSource/WebSocket themselves, so session expiry and
+// header, the event stream, the metrics stream (both over WebSockets), the console
+// WebSocket, task following. Pages never call fetch/WebSocket themselves, so session expiry and
 // errors are handled in one place.
 
 export class ApiError extends Error {
@@ -94,25 +94,30 @@ export const session = {
 
 // ---------------------------------------------------------------- streams
 
-/** An EventSource that reconnects with backoff and resumes from the last id. */
+/**
+ * A stream of JSON messages (events, metrics) over a WebSocket on the same path as the
+ * daemon's server-sent events; reconnects with backoff and resumes from the last id.
+ * A WebSocket, not an EventSource: a browser holds at most 6 HTTP/1.1 connections to a
+ * host, and two streams per open tab left a third tab unable to load.
+ */
 function stream(urlFor, onMessage, { onState } = {}) {
-  let es = null;
+  let ws = null;
   let closed = false;
   let delay = 500;
   let timer = null;
   const open = () => {
     if (closed) return;
-    es = new EventSource(urlFor(), { withCredentials: true });
-    es.onopen = () => { delay = 500; onState && onState("open"); };
-    es.onmessage = (m) => {
+    const proto = location.protocol === "https:" ? "wss:" : "ws:";
+    ws = new WebSocket(`${proto}//${location.host}${urlFor()}`);
+    ws.onopen = () => { delay = 500; onState && onState("open"); };
+    ws.onmessage = (m) => {
       let data;
       try { data = JSON.parse(m.data); } catch { return; }
       onMessage(data, m);
     };
-    es.onerror = () => {
-      // EventSource retries by itself only while the server answers 200; take over
-      // so that a 401 (session ended) is noticed and `since` moves on.
-      es.close();
+    ws.onclose = () => {
+      // the daemon stopped or restarted, the network dropped, or the session ended:
+      // ask for the session first, so that a 401 logs the app out instead of retrying
       if (closed) return;
       onState && onState("reconnecting");
       timer = setTimeout(async () => {
@@ -133,7 +138,7 @@ function stream(urlFor, onMessage, { onState } = {}) {
     close() {
       closed = true;
       if (timer) clearTimeout(timer);
-      if (es) es.close();
+      if (ws) { ws.onclose = null; ws.close(); }
     },
   };
 }
@@ -167,9 +172,8 @@ function releaseTaskStream() {
 /**
  * Follow the event stream: onEvent(ev) for each event; returns {close()}.
  * since: an event id (the stored events after it come first) or null (only new ones).
- * Every subscriber shares ONE EventSource (a browser holds at most 6 connections to
- * a host over HTTP/1.1: a stream per page part would starve the requests); only a
- * subscriber asking for a replay while the shared stream is open gets its own.
+ * Every subscriber shares ONE stream; only a subscriber asking for a replay while the
+ * shared stream is open gets its own.
  */
 export function events(onEvent, { since = null, onState } = {}) {
   const sub = { onEvent, onState };

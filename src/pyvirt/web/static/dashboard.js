@@ -47,6 +47,9 @@ function TaskRow({ t }) {
   </li>`;
 }
 
+/** The vCPUs a new VM gets with accel "auto" on this host (the software CPU: fewer). */
+const maxVcpus = (l) => (l.max_vcpus_by_accel && l.max_vcpus_by_accel.auto) || l.max_vcpus;
+
 export function Dashboard() {
   useStore("domains", "metrics", "events");
   const [host, setHost] = useState(null);
@@ -95,7 +98,7 @@ export function Dashboard() {
         <ul class="bystate">
           ${states.map((s) => html`<li key=${s}><span class=${stateClass(s)}><span class="dot" aria-hidden="true"></span>${s}</span><span class="count">${counts[s] || 0}</span></li>`)}
         </ul>
-        <p class="small"><a href="#/vms">All virtual machines</a>${host && host.limits ? html` · <span class="muted">up to ${host.limits.max_vcpus} vCPUs, ${fmtBytes(host.limits.max_memory_mib * 1048576, 0)} per VM</span>` : null}</p>
+        <p class="small"><a href="#/vms">All virtual machines</a>${host && host.limits ? html` · <span class="muted">up to ${maxVcpus(host.limits)} vCPU${maxVcpus(host.limits) === 1 ? "" : "s"}${host.limits.accel_auto === "emu" ? " (software CPU)" : ""}, ${fmtBytes(host.limits.max_memory_mib * 1048576, 0)} per VM</span>` : null}</p>
       <//>
       <${Panel} label="Recent tasks" cls="span-1">
         ${recentTasks === null ? html`<p class="muted">Loading…</p>` : recentTasks.length === 0

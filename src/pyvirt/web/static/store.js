@@ -1,5 +1,5 @@
 // The app's live state, shared by every page: the domain list kept current by the
-// event stream, recent events, and the metrics (history + ONE EventSource on
+// event stream, recent events, and the metrics (history + ONE stream on
 // /v1/metrics/stream for the whole app). Nothing here polls.
 import { useEffect, useState } from "preact/hooks";
 import { api, ApiError } from "./api.js";
