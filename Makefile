@@ -16,7 +16,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := python3-venv gcc binutils make linux-libc-dev kmod cpio acpica-tools \
 	e2fsprogs qemu-system-x86 qemu-utils cmake pkg-config debootstrap libseccomp2 \
 	passt iperf3 dnsmasq-base iproute2 iputils-ping nftables openssh-server \
-	openssh-client openssl npm chromium
+	openssh-client openssl chromium
 N ?= 100
 FUZZ_RUNS ?= 1000000
 
@@ -49,11 +49,13 @@ lint: setup
 
 setup: $(STAMPS)/apt $(STAMPS)/venv engine $(STAMPS)/users web
 
-# Re-checked whenever this Makefile changes (APT_PACKAGES may have grown).
+# Re-checked whenever this Makefile changes (APT_PACKAGES may have grown). npm: any
+# installed one will do (a Node.js from elsewhere brings its own), else Debian's.
 $(STAMPS)/apt: Makefile
 	@mkdir -p $(STAMPS)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 		| grep -q 'install ok installed' || echo $$p; done); \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$missing"; \
 		$(SUDO) apt-get update -qq && \

@@ -401,3 +401,33 @@ def ensure_guest() -> None:
 
     if not guest_is_built():
         build_default_guest(log=lambda msg: print(msg, flush=True))
+
+
+def root_fixture(prefix: str) -> Any:
+    """A module's ``root`` fixture: a short root (``prefix`` names the module in
+    /tmp), removed afterwards with whatever VMMs and dnsmasq it left running.
+    In the module: ``root = root_fixture("pvd")``."""
+    import pytest
+
+    @pytest.fixture
+    def root() -> Iterator[Path]:
+        r = short_root(prefix)
+        try:
+            yield r
+        finally:
+            remove_root(r)
+
+    return root
+
+
+def fake_kernel_fixture() -> Any:
+    """A module's ``kernel`` fixture for the fake VMM (which never reads it)."""
+    import pytest
+
+    @pytest.fixture
+    def kernel(tmp_path: Path) -> str:
+        k = tmp_path / "vmlinuz"
+        k.write_bytes(b"not a kernel: the fake VMM never reads it")
+        return str(k)
+
+    return kernel

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,7 @@ from tests.daemon_support import (
     ensure_guest,
     guest_marks,
     manager_on,
-    remove_root,
-    short_root,
+    root_fixture,
     wait_for,
 )
 
@@ -40,13 +38,7 @@ def _guest() -> None:
     ensure_guest()
 
 
-@pytest.fixture
-def root() -> Iterator[Path]:
-    r = short_root("pvd")
-    try:
-        yield r
-    finally:
-        remove_root(r)
+root = root_fixture("pvd")
 
 
 def _state(m: Any, name: str) -> tuple[str, str]:

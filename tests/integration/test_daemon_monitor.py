@@ -14,7 +14,6 @@ import os
 import queue
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,7 @@ from tests.daemon_support import (
     ConsoleReader,
     ensure_guest,
     guest_marks,
-    remove_root,
-    short_root,
+    root_fixture,
     spawn_daemon,
     stop_daemon,
     wait_for,
@@ -45,13 +43,7 @@ def _guest() -> None:
     ensure_guest()
 
 
-@pytest.fixture
-def root() -> Iterator[Path]:
-    r = short_root("pvo")
-    try:
-        yield r
-    finally:
-        remove_root(r)
+root = root_fixture("pvo")
 
 
 class Stream:

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +21,15 @@ from pyvirt.manager.errors import (
     OperationInvalid,
     OperationTimeout,
 )
-from tests.daemon_support import manager_on, remove_root, short_root, wait_for
+from tests.daemon_support import (
+    fake_kernel_fixture,
+    manager_on,
+    root_fixture,
+    wait_for,
+)
 
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    r = short_root("pvm")
-    try:
-        yield r
-    finally:
-        remove_root(r)
-
-
-@pytest.fixture
-def kernel(tmp_path: Path) -> str:
-    k = tmp_path / "vmlinuz"
-    k.write_bytes(b"not a kernel: the fake VMM never reads it")
-    return str(k)
+root = root_fixture("pvm")
+kernel = fake_kernel_fixture()
 
 
 def _state(m: Any, name: str) -> tuple[str, str]:

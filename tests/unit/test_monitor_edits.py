@@ -6,30 +6,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pyvirt.manager.errors import AlreadyExists, InvalidArgument, NotFound, OperationInvalid
-from tests.daemon_support import manager_on, remove_root, short_root, wait_for
+from tests.daemon_support import (
+    fake_kernel_fixture,
+    manager_on,
+    root_fixture,
+    wait_for,
+)
 
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    r = short_root("pvb")
-    try:
-        yield r
-    finally:
-        remove_root(r)
-
-
-@pytest.fixture
-def kernel(tmp_path: Path) -> str:
-    k = tmp_path / "vmlinuz"
-    k.write_bytes(b"not a kernel: the fake VMM never reads it")
-    return str(k)
+root = root_fixture("pvb")
+kernel = fake_kernel_fixture()
 
 
 def volume(m: Any, name: str, size: int = 1 << 20, fmt: str = "qcow2") -> None:
